@@ -1,0 +1,232 @@
+"""The AV engine: inject an activation into the prompt's slot, then decode.
+
+Injection (release facts): embed the prompt ids with the model's *own* input-embedding module
+(for Gemma-3 that module multiplies by sqrt(d); a raw weight lookup would miss it), rescale the
+vector to `injection_scale` with the norm taken in fp32, overwrite the one slot whose neighbours
+match, and generate from `inputs_embeds`.
+
+Decoding is our own loop over the KV cache rather than `generate`, for two reasons a researcher
+cares about: (1) every sample has its own seed, and its noise is a pure function of
+(seed, step, token id), so a row's text does not depend on which batch it landed in and a rerun is
+bit-identical; (2) banned-token sets (the quote-ablation analysis) and early exit on a closed tag
+are plain tensor ops. `backend="hf"` runs transformers' `generate` instead, kept as the reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import templates as T
+from .models import text_config
+from .sidecar import NlaMeta
+
+_M32 = 0xFFFFFFFF
+
+
+def sample_seed(*parts) -> int:
+    """A 63-bit seed from any tuple, e.g. (run seed, doc_id, position, sample index)."""
+    h = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & 0x7FFFFFFFFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # Integer hash on int64 lanes kept below 2**32, so products never overflow int64.
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    return (x >> 16) ^ x
+
+
+def gumbel_noise(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """[B, V] Gumbel noise that depends only on (seed, step, token id) — batch-independent."""
+    s = seeds.to(torch.int64)
+    k = _mix32(_mix32((s & _M32) ^ _mix32((s >> 32) & _M32)) ^ step)
+    ids = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    h = _mix32(_mix32(k[:, None] ^ ids[None, :]) ^ (ids[None, :] >> 7))
+    u = ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)  # exact in fp32, strictly in (0,1)
+    return -torch.log(-torch.log(u))
+
+
+def inject(embeds: torch.Tensor, slot: int, vectors: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Overwrite row `slot` of each prompt's embeddings with its (rescaled) vector. Returns new tensor."""
+    if vectors.ndim != 2 or vectors.shape[0] != embeds.shape[0] or vectors.shape[1] != embeds.shape[-1]:
+        raise ValueError(f"vectors shape {tuple(vectors.shape)} does not fit embeddings "
+                         f"{tuple(embeds.shape)} (need [batch, d_model={embeds.shape[-1]}])")
+    v = vectors.to(device=embeds.device, dtype=torch.float32)
+    if not torch.isfinite(v).all():
+        bad = (~torch.isfinite(v).all(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(f"non-finite activation vector(s) at batch rows {bad[:8]}")
+    if scale is not None:
+        norm = v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        v = v * (scale / norm)
+    out = embeds.clone()
+    out[:, slot, :] = v.to(embeds.dtype)
+    return out
+
+
+@dataclass
+class Sample:
+    text: str              # raw decoded continuation
+    explanation: str | None
+    status: str            # ok / no_close_tag / no_open_tag
+    n_tokens: int
+
+
+class AVEngine:
+    """Batched vector -> explanation. One instance per model; thread-unsafe, like a torch model."""
+
+    def __init__(self, model, tokenizer, meta: NlaMeta, *, max_new_tokens: int = 150,
+                 backend: str = "loop"):
+        if meta.role != "av":
+            raise ValueError(f"{meta.path}: role is {meta.role!r}, an AV engine needs role av")
+        self.model, self.tok, self.meta = model, tokenizer, meta
+        hidden = text_config(model.config).hidden_size
+        meta.check_width(hidden)
+        self.prompt_ids = meta.check_tokenizer(tokenizer)
+        self.slot = self.prompt_ids.index(meta.injection_token_id)
+        # The model's own embedding module: Gemma-3's multiplies by sqrt(d).
+        self.embed = model.get_input_embeddings()
+        self.max_new_tokens = max_new_tokens
+        if backend not in ("loop", "hf"):
+            raise ValueError(f"backend {backend!r} not in ('loop', 'hf')")
+        self.backend = backend
+        self.vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None \
+            else text_config(model.config).vocab_size
+        self.stop_ids = self._stop_ids()
+
+    def _stop_ids(self) -> list[int]:
+        ids = set()
+        for src in (getattr(self.model, "generation_config", None), self.model.config):
+            e = getattr(src, "eos_token_id", None) if src is not None else None
+            if isinstance(e, int):
+                ids.add(e)
+            elif isinstance(e, (list, tuple)):
+                ids.update(int(i) for i in e)
+        if self.tok.eos_token_id is not None:
+            ids.add(int(self.tok.eos_token_id))
+        for t in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>"):
+            tid = self.tok.convert_tokens_to_ids(t)
+            if isinstance(tid, int) and tid != getattr(self.tok, "unk_token_id", None) and tid >= 0:
+                ids.add(tid)
+        return sorted(ids)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def prompt_embeds(self, vectors: torch.Tensor) -> torch.Tensor:
+        ids = torch.tensor([self.prompt_ids], device=self.device).expand(vectors.shape[0], -1)
+        with torch.no_grad():
+            emb = self.embed(ids)
+        return inject(emb, self.slot, vectors, self.meta.injection_scale)
+
+    def banned_ids_for(self, chars: Sequence[str]) -> list[int]:
+        """Every vocabulary token whose decoded text contains any of `chars` (e.g. quote families)."""
+        banned = []
+        for i in range(len(self.tok)):
+            s = self.tok.decode([i])
+            if any(c in s for c in chars):
+                banned.append(i)
+        return banned
+
+    @torch.no_grad()
+    def generate(self, vectors, *, temperature: float = 0.0, seeds: Sequence[int] | None = None,
+                 banned_ids: Sequence[int] | None = None, max_new_tokens: int | None = None) -> list[Sample]:
+        vectors = torch.as_tensor(np.asarray(vectors, dtype=np.float32) if not torch.is_tensor(vectors) else vectors)
+        if vectors.ndim == 1:
+            vectors = vectors[None]
+        n = vectors.shape[0]
+        if n == 0:
+            return []
+        max_new = max_new_tokens or self.max_new_tokens
+        emb = self.prompt_embeds(vectors)
+        if self.backend == "hf":
+            tokens = self._generate_hf(emb, temperature, banned_ids, max_new)
+        else:
+            if temperature > 0 and seeds is None:
+                raise ValueError("sampling (temperature > 0) needs one seed per row; see av.sample_seed")
+            if seeds is not None and len(seeds) != n:
+                raise ValueError(f"{len(seeds)} seeds for {n} vectors")
+            tokens = self._generate_loop(emb, temperature, seeds, banned_ids, max_new)
+        return [self._finish(row) for row in tokens]
+
+    def _finish(self, row: list[int]) -> Sample:
+        stop = set(self.stop_ids)
+        cut = next((i for i, t in enumerate(row) if t in stop), len(row))
+        text = self.tok.decode(row[:cut], skip_special_tokens=True)
+        expl, status = T.parse_explanation(text)
+        return Sample(text=text, explanation=expl, status=status, n_tokens=cut)
+
+    def _generate_loop(self, emb, temperature, seeds, banned_ids, max_new) -> list[list[int]]:
+        n = emb.shape[0]
+        dev = emb.device
+        seed_t = torch.tensor(list(seeds), dtype=torch.int64, device=dev) if seeds is not None else None
+        stop = torch.tensor(self.stop_ids, device=dev)
+        mask = None
+        if banned_ids:
+            mask = torch.zeros(self.vocab, dtype=torch.bool, device=dev)
+            mask[torch.tensor(list(banned_ids), device=dev)] = True
+        out = self.model(inputs_embeds=emb, use_cache=True)
+        past = out.past_key_values
+        logits = out.logits[:, -1, :]
+        done = torch.zeros(n, dtype=torch.bool, device=dev)
+        steps = []
+        close_ids = self.tok.encode(T.CLOSE_TAG, add_special_tokens=False)
+        for step in range(max_new):
+            lg = logits.float()
+            if mask is not None:
+                lg = lg.masked_fill(mask, float("-inf"))
+            if temperature > 0:
+                nxt = torch.argmax(lg / temperature + gumbel_noise(seed_t, step, lg.shape[-1]), dim=-1)
+            else:
+                nxt = torch.argmax(lg, dim=-1)
+            # A finished row keeps emitting its stop token so the batch stays rectangular.
+            nxt = torch.where(done, stop[0], nxt)
+            steps.append(nxt)
+            done |= torch.isin(nxt, stop)
+            if step % 8 == 7 or step == max_new - 1:
+                done |= self._closed_tag(torch.stack(steps, 1), close_ids)
+            if bool(done.all()):
+                break
+            out = self.model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[:, -1, :]
+        toks = torch.stack(steps, 1).tolist()
+        return [self._trim_after_close(r) for r in toks]
+
+    def _closed_tag(self, toks: torch.Tensor, close_ids: list[int]) -> torch.Tensor:
+        # Decoding every row each step is costly; every 8 steps is enough for early exit.
+        rows = toks.tolist()
+        return torch.tensor([T.CLOSE_TAG in self.tok.decode(r, skip_special_tokens=True) for r in rows],
+                            device=toks.device)
+
+    def _trim_after_close(self, row: list[int]) -> list[int]:
+        """Cut tokens generated after `</explanation>` so both backends return the same text."""
+        text = ""
+        for i in range(len(row)):
+            if row[i] in self.stop_ids:
+                return row[: i + 1]
+        full = self.tok.decode(row, skip_special_tokens=True)
+        if T.CLOSE_TAG not in full:
+            return row
+        for i in range(1, len(row) + 1):
+            text = self.tok.decode(row[:i], skip_special_tokens=True)
+            if T.CLOSE_TAG in text:
+                return row[:i]
+        return row
+
+    def _generate_hf(self, emb, temperature, banned_ids, max_new) -> list[list[int]]:
+        kw = dict(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device),
+                  max_new_tokens=max_new, pad_token_id=self.stop_ids[0], eos_token_id=self.stop_ids)
+        if banned_ids:
+            kw["bad_words_ids"] = [[int(i)] for i in banned_ids]
+        if temperature > 0:
+            kw.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        seqs = self.model.generate(**kw)
+        return [self._trim_after_close(r) for r in seqs.tolist()]

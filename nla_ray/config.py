@@ -1,0 +1,141 @@
+"""One configuration schema for every job: YAML presets + a file + `--set a.b=value` overrides.
+
+Presets live in nla_ray/presets/<name>.yaml. `mini` is the embedded default (packaged SmolLM2 pair,
+packaged BBC News held-out slice, CPU); `paper-gemma27b-L41` and `paper-qwen7b-L20` follow the
+assessment's protocol on the released checkpoints (Ultra-FineWeb en docs 100000-102000, seed 42,
+1000 activations from 200 documents, greedy, training-set Var denominators).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+@dataclass
+class PoolConfig:
+    num_gpus: float = 0.0          # fractions let small models share a GPU
+    num_cpus: float = 1.0
+    concurrency: int = 1           # actors in the pool
+    batch_size: int = 16           # rows per map_batches call
+    dtype: str = "auto"            # auto = bf16 on GPU, fp32 on CPU
+
+
+@dataclass
+class AVConfig:
+    temperature: float = 0.0
+    n_samples: int = 1
+    max_new_tokens: int = 150
+    banned_chars: list = field(default_factory=list)   # quote ablation: ban tokens containing these
+    backend: str = "loop"
+
+
+@dataclass
+class NLAConfig:
+    name: str = "mini"
+    pair: str = "mini:smollm2-L20"            # AV/AR pair spec (see nla_ray.pairs)
+    base: str = "pkg:smollm2-135m"            # model whose activations are explained
+    layer: int = 20                           # K: block K output = hidden_states[K+1]
+    corpus: dict = field(default_factory=lambda: {"kind": "packaged_bbc", "split": "heldout"})
+    n_docs: int = 40
+    positions_per_doc: int = 5
+    n: int | None = None                      # cap on activations (None = n_docs * positions_per_doc)
+    seed: int = 42
+    max_length: int = 2048
+    var_train: float | None = None            # training-set Var denominator, when the release gives one
+    av: AVConfig = field(default_factory=AVConfig)
+    pools: dict = field(default_factory=lambda: {"extract": PoolConfig(), "av": PoolConfig(), "ar": PoolConfig()})
+    bootstrap: int = 1000
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, data: dict, where: str):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(names)}")
+    kw = {}
+    for k, v in data.items():
+        if k == "av":
+            v = _build(AVConfig, v or {}, f"{where}.av")
+        elif k == "pools":
+            bad = sorted(set(v or {}) - {"extract", "av", "ar"})
+            if bad:
+                raise ValueError(f"{where}.pools: unknown pool(s) {bad}; pools are extract, av, ar")
+            v = {p: _build(PoolConfig, (v or {}).get(p) or {}, f"{where}.pools.{p}") for p in ("extract", "av", "ar")}
+        kw[k] = v
+    return cls(**kw)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "corpus":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _set(d: dict, dotted: str, value: str) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        cur = cur.setdefault(k, {})
+    cur[keys[-1]] = yaml.safe_load(value)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(preset: str = "mini", file: str | None = None, overrides: list[str] | None = None,
+                **direct: Any) -> NLAConfig:
+    path = PRESET_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown preset {preset!r}; available: {list_presets()}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if file:
+        data = _merge(data, yaml.safe_load(Path(file).read_text()) or {})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key.path=value, got {item!r}")
+        k, v = item.split("=", 1)
+        _set(data, k.strip(), v)
+    for k, v in direct.items():
+        if v is not None:
+            data[k] = v
+    data.setdefault("name", preset)
+    base = NLAConfig().to_dict()
+    return _build(NLAConfig, _merge(base, data), f"preset {preset}")
+
+
+def add_job_args(p: argparse.ArgumentParser, job: str) -> None:
+    """The job contract shared by every script in jobs/."""
+    p.add_argument("--preset", default="mini", help=f"preset name (available: {', '.join(list_presets())})")
+    p.add_argument("--config", help="YAML file merged over the preset")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any field, e.g. --set av.temperature=1.0 --set pools.av.num_gpus=0.5")
+    p.add_argument("--n", type=int, help="number of activations (documents = ceil(n / positions_per_doc))")
+    p.add_argument("--out", help=f"output dir (default results/{job}/<preset>/)")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join (default: the one `ray job submit` gives, else a local one)")
+    p.add_argument("--fresh", action="store_true", help="ignore finished work in --out and start over")
+
+
+def config_from_args(a: argparse.Namespace) -> NLAConfig:
+    cfg = load_config(a.preset, a.config, a.set)
+    if a.n is not None:
+        cfg.n = a.n
+        cfg.n_docs = -(-a.n // cfg.positions_per_doc)
+    return cfg

@@ -1,0 +1,71 @@
+"""Provenance attached to every result: command, commit, preset, machine, date."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def git_commit() -> str:
+    """HEAD of the checkout (suffix '+dirty' when tracked files differ), or 'unknown' outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        if not sha:
+            return os.environ.get("NLA_RAY_GIT_COMMIT", "unknown")
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        # A `ray job submit` working dir is a copy without .git: let the submitter pass it in.
+        return os.environ.get("NLA_RAY_GIT_COMMIT", "unknown")
+
+
+def machine() -> dict:
+    info = {"host": platform.node(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        else:
+            info["gpus"] = []
+    except ImportError:
+        pass
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def machine_label(info: dict | None = None) -> str:
+    info = info or machine()
+    gpus = info.get("gpus") or []
+    if gpus:
+        return f"{len(gpus)}x {gpus[0]}"
+    return f"CPU ({info.get('cpu_count')} cores)"
+
+
+def provenance(preset: str | None = None, extra: dict | None = None) -> dict:
+    info = machine()
+    out = {
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
+        "git_commit": git_commit(),
+        "preset": preset,
+        "machine": machine_label(info),
+        "machine_detail": info,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if extra:
+        out.update(extra)
+    return out

@@ -1,0 +1,52 @@
+"""`ray job submit` works: a local head (loopback only), one submitted job, the head stopped after."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.ray, pytest.mark.integration]
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).parent / "ray")
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    env = dict(os.environ, RAY_AUTH_MODE="token")
+    port, dash = "6391", "8273"
+    start = [_ray_bin(), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", port,
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", dash, "--num-cpus", "4",
+             "--disable-usage-stats"]
+    r = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run([_ray_bin(), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_submit_reproduce_fve(ray_head, tmp_path):
+    address, env = ray_head
+    out = tmp_path / "submitted"
+    cmd = [_ray_bin(), "job", "submit", "--address", address, "--working-dir", str(REPO),
+           "--runtime-env-json", json.dumps({"env_vars": {"NLA_RAY_GIT_COMMIT": "test-commit"}}),
+           "--", "python", "jobs/reproduce_fve.py", "--preset", "mini", "--n", "5", "--out", str(out),
+           "--set", "av.max_new_tokens=12"]
+    t0 = time.time()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert "succeeded" in (r.stdout + r.stderr)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["headline"]["n"] >= 1
+    assert s["provenance"]["git_commit"] == "test-commit"
+    assert time.time() - t0 < 600
