@@ -49,6 +49,10 @@ class AREngine:
         if meta.layer is not None and n_layers != meta.layer + 1:
             raise ValueError(f"{meta.path}: critic.extraction_layer_index={meta.layer} needs a backbone of "
                              f"{meta.layer + 1} blocks, got {n_layers}")
+        w = getattr(value_head, "weight", None)
+        if w is None or tuple(w.shape) != (meta.d_model, meta.d_model):
+            raise ValueError(f"{meta.path}: value head weight shape {None if w is None else tuple(w.shape)}, "
+                             f"expected ({meta.d_model}, {meta.d_model})")
         self.suffix = meta.check_tokenizer(tokenizer)
         self.backbone, self.tok, self.meta = backbone, tokenizer, meta
         p = next(backbone.parameters())
@@ -65,9 +69,10 @@ class AREngine:
         for e in explanations:
             ids = self.tok(T.ar_prompt(self.meta.ar_template, e), add_special_tokens=True)["input_ids"]
             if len(ids) > self.max_length:
-                # Keep the head (<bos> + template start) and the tail (the read-out suffix).
-                keep = self.max_length - len(self.suffix)
-                ids = ids[:keep] + ids[-len(self.suffix):]
+                # Keep the head (<bos> + template start) and the whole template tail: the stored
+                # suffix omits its first token (it may merge with the text), so keep one more.
+                tail = len(self.suffix) + 1
+                ids = ids[:self.max_length - tail] + ids[-tail:]
             rows.append(ids)
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)

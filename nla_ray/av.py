@@ -91,8 +91,8 @@ class AVEngine:
         # The model's own embedding module: Gemma-3's multiplies by sqrt(d).
         self.embed = model.get_input_embeddings()
         self.max_new_tokens = max_new_tokens
-        if backend not in ("loop", "hf"):
-            raise ValueError(f"backend {backend!r} not in ('loop', 'hf')")
+        if backend not in ("loop", "hf", "fast"):
+            raise ValueError(f"backend {backend!r} not in ('loop', 'hf', 'fast')")
         self.backend = backend
         self.vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None \
             else text_config(model.config).vocab_size
@@ -142,7 +142,7 @@ class AVEngine:
         n = vectors.shape[0]
         if n == 0:
             return []
-        max_new = max_new_tokens or self.max_new_tokens
+        max_new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         emb = self.prompt_embeds(vectors)
         if self.backend == "hf":
             tokens = self._generate_hf(emb, temperature, banned_ids, max_new)
@@ -151,7 +151,12 @@ class AVEngine:
                 raise ValueError("sampling (temperature > 0) needs one seed per row; see av.sample_seed")
             if seeds is not None and len(seeds) != n:
                 raise ValueError(f"{len(seeds)} seeds for {n} vectors")
-            tokens = self._generate_loop(emb, temperature, seeds, banned_ids, max_new)
+            if self.backend == "fast":
+                from .fast_decode import fast_generate  # imports this module, so not at the top
+
+                tokens = fast_generate(self, emb, temperature, seeds, banned_ids, max_new)
+            else:
+                tokens = self._generate_loop(emb, temperature, seeds, banned_ids, max_new)
         return [self._finish(row) for row in tokens]
 
     def _finish(self, row: list[int]) -> Sample:

@@ -96,6 +96,8 @@ class NlaMeta:
         if suffix is not None and not (isinstance(suffix, list) and all(isinstance(i, int) for i in suffix)):
             raise SidecarError(where, "tokens.critic_suffix_ids", "a list of integers or null", suffix)
         pt = d.get("prompt_templates") or {}
+        if not isinstance(pt, dict):
+            raise SidecarError(where, "prompt_templates", "a mapping", pt)
         av_t = pt.get("av", pt.get("actor"))
         ar_t = pt.get("ar", pt.get("critic"))
         if role == "av" and not (isinstance(av_t, str) and "{injection_char}" in av_t):
@@ -103,6 +105,8 @@ class NlaMeta:
         if role == "ar" and not (isinstance(ar_t, str) and "{explanation}" in ar_t):
             raise SidecarError(where, "prompt_templates.ar", "a template containing {explanation}", ar_t)
         critic = d.get("critic") or {}
+        if not isinstance(critic, dict):
+            raise SidecarError(where, "critic", "a mapping", critic)
         layer = critic.get("extraction_layer_index", critic.get("num_hidden_layers",
                                                                   d.get("extraction_layer_index")))
         if role == "ar" and not isinstance(layer, int):

@@ -126,6 +126,11 @@ def _dequantize_to_cache(gguf: Path, chat_template: str | None, label: str) -> P
     digest = sha256_file(gguf)
     out = cache_root() / "models" / f"{gguf.stem}-{digest[:16]}"
     if (out / "SOURCE.json").is_file():
+        if str(out) not in _CHECKED:
+            from transformers import AutoTokenizer
+
+            check_tokenizer_sanity(AutoTokenizer.from_pretrained(str(out)), gguf.name)
+            _CHECKED.add(str(out))
         return out
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -137,6 +142,7 @@ def _dequantize_to_cache(gguf: Path, chat_template: str | None, label: str) -> P
                                                  dtype=torch.float32)
     if chat_template and not getattr(tok, "chat_template", None):
         tok.chat_template = chat_template
+    check_tokenizer_sanity(tok, gguf.name)
     # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
     # already dequantized, so move them into a plain model built from the same config.
     config = model.config
@@ -162,6 +168,23 @@ def _dequantize_to_cache(gguf: Path, chat_template: str | None, label: str) -> P
     else:
         tmp.rename(out)
     return out
+
+
+_CHECKED: set[str] = set()
+TOKENIZER_PROBE = "The central bank raised interest rates on Thursday, surprising financial markets."
+
+
+def check_tokenizer_sanity(tok, label: str) -> None:
+    """Fail loudly on a tokenizer that lost its merges (some transformers releases convert GGUF
+    tokenizers to one token per character): every downstream number would silently be wrong."""
+    n = len(tok(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"])
+    if n > len(TOKENIZER_PROBE) / 2.5:
+        import transformers
+
+        raise ModelSourceError(
+            f"{label}: the tokenizer splits an 81-character probe sentence into {n} tokens (a real BPE "
+            f"needs ~15): its merges were lost converting the GGUF with transformers {transformers.__version__}. "
+            "Use another transformers release (5.23 converts these files correctly).")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,113 @@
+"""Same work on 1 GPU and on G GPUs: throughput ratio of the whole three-pool pipeline.
+
+Runs jobs/reproduce_fve.py twice (fresh output dirs, same preset, same n, same seeds): once with
+CUDA_VISIBLE_DEVICES limited to one GPU, once with all of them and the AV/AR pools widened to one
+actor per GPU. AV actors ask for 0.6 GPU so Ray cannot pack two onto one device; extraction and AR
+actors ask for 0.2 and fill the gaps. Throughput is measured on the steady-state window (first
+extraction batch start -> last AR batch end), which excludes Ray start-up and model loading, and
+also as plain wall time. Writes summary.json, table.md and a per-stage timeline figure.
+
+  python jobs/pipeline_scaling.py --gpus 2 --n 1000 --out results/perf/<gpu>/pipeline_scaling
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nla_ray.pipeline import write_json  # noqa: E402
+from nla_ray.provenance import provenance  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(gpus: int, a, work: Path) -> dict:
+    out = work / f"gpus{gpus}"
+    sets = [f"av.n_samples={a.samples}", f"av.temperature={a.temperature}", f"av.max_new_tokens={a.max_new_tokens}",
+            f"pools.extract.num_gpus=0.2", f"pools.extract.batch_size=16", f"pools.extract.concurrency=1",
+            f"pools.av.num_gpus=0.6", f"pools.av.concurrency={gpus}", f"pools.av.batch_size={a.av_batch}",
+            f"pools.ar.num_gpus=0.2", f"pools.ar.concurrency={gpus}", f"pools.ar.batch_size={a.av_batch}",
+            f"pools.extract.dtype={a.dtype}", f"pools.av.dtype={a.dtype}", f"pools.ar.dtype={a.dtype}",
+            "bootstrap=200"]
+    cmd = [sys.executable, str(REPO / "jobs" / "reproduce_fve.py"), "--preset", a.preset, "--n", str(a.n),
+           "--out", str(out), "--fresh"] + [x for s in sets for x in ("--set", s)]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(gpus)))
+    t0 = time.time()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.time() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"run with {gpus} GPU(s) failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    s = json.loads((out / "summary.json").read_text())
+    st = s["timeline"]["stages"]
+    start = min(v["start"] for v in st.values())
+    end = max(v["end"] for v in st.values())
+    rows = s["headline"]["n"] * max(1, a.samples)
+    return {"gpus": gpus, "rows_scored": rows, "activations": s["headline"]["n"], "wall_s": round(wall, 1),
+            "steady_window_s": round(end - start, 2), "rows_per_s_steady": rows / (end - start),
+            "rows_per_s_wall": rows / wall, "timeline": s["timeline"], "fve_own": s["headline"]["fve_own"]["value"],
+            "cmd": " ".join(cmd)}
+
+
+def _figure(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(runs), 1, figsize=(8, 1.6 + 1.3 * len(runs)), squeeze=False)
+    colors = {"extract": "#7a9e3b", "av": "#3b6ea5", "ar": "#a5533b"}
+    for ax, r in zip(axes[:, 0], runs):
+        st = r["timeline"]["stages"]
+        for i, (name, v) in enumerate(st.items()):
+            ax.barh(i, v["end_rel_s"] - v["start_rel_s"], left=v["start_rel_s"], color=colors.get(name, "grey"))
+            ax.text(v["end_rel_s"], i, f" busy {v['busy_s']:.0f}s, {len(v['workers'])} actor(s)", va="center", fontsize=7)
+        ax.set_yticks(range(len(st)))
+        ax.set_yticklabels(list(st))
+        ax.set_title(f"{r['gpus']} GPU(s): {r['rows_per_s_steady']:.1f} rows/s steady", fontsize=9)
+        ax.set_xlabel("seconds since first batch")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus", type=int, default=2)
+    p.add_argument("--preset", default="mini")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--samples", type=int, default=4, help="AV samples per activation (best-of-N workload)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--av-batch", type=int, default=128)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--work", default="/tmp/nla_scaling", help="where the two runs write their rows")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    work, out = Path(a.work), Path(a.out)
+    runs = [_run(1, a, work), _run(a.gpus, a, work)]
+    ratio = runs[1]["rows_per_s_steady"] / runs[0]["rows_per_s_steady"]
+    summary = {"job": "pipeline_scaling", "runs": runs, "gpus": a.gpus,
+               "throughput_ratio_steady": ratio, "throughput_ratio_wall": runs[1]["rows_per_s_wall"] / runs[0]["rows_per_s_wall"],
+               "same_fve": runs[0]["fve_own"] == runs[1]["fve_own"], "args": vars(a), "provenance": provenance(a.preset)}
+    write_json(out / "summary.json", summary)
+    _figure(runs, out / "timeline.png")
+    lines = ["| GPUs | rows scored | steady window s | rows/s steady | wall s | rows/s wall | FVE own |", "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['gpus']} | {r['rows_scored']} | {r['steady_window_s']} | {r['rows_per_s_steady']:.2f} | "
+                     f"{r['wall_s']} | {r['rows_per_s_wall']:.2f} | {r['fve_own']:.4f} |")
+    lines.append(f"\nthroughput ratio {a.gpus}/1 GPU: steady {ratio:.2f}x, wall {summary['throughput_ratio_wall']:.2f}x\n")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Train a mini NLA pair (SmolLM2-135M L20 or Gemma-3-270M L12) on the packaged corpus's TRAIN slice.
+
+Phases: collect -> ar -> av -> eval (see nla_ray/train.py). Each phase saves its output under
+--work and is skipped when rerun, so a long training splits into calls of a few minutes. The result
+is a pair in the released sidecar format whose weights are LoRA adapters on the packaged base model
+plus the AR value head (a few MB), written to nla_ray/pairs/<family>/ so `mini:<family>` picks it up.
+
+  python jobs/train_mini_nla.py --family smollm2-L20                 # GPU recommended
+  python jobs/train_mini_nla.py --family gemma3-L12 --set av_epochs=1.5
+  python jobs/train_mini_nla.py --family smollm2-L20 --set n_train_docs=40 --set positions_per_doc=4  # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from nla_ray import pairs, sources, train  # noqa: E402
+from nla_ray.corpora import PackagedBBCNews  # noqa: E402
+from nla_ray.models import load_causal_lm, resolve_device  # noqa: E402
+from nla_ray.pipeline import write_json  # noqa: E402
+from nla_ray.provenance import provenance  # noqa: E402
+from nla_ray.sidecar import write_sidecar  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _save_adapter(peft_model, directory: Path) -> None:
+    """PEFT adapter, stored fp16 to keep the shipped pair small (the base stays fp32)."""
+    from safetensors.torch import load_file, save_file
+
+    peft_model.save_pretrained(str(directory), safe_serialization=True)
+    f = directory / "adapter_model.safetensors"
+    state = {k: v.to(torch.float16).contiguous() for k, v in load_file(str(f)).items()}
+    save_file(state, str(f))
+
+
+def _curve_figure(curves: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, (name, key) in zip(axes, (("ar", "loss_nmse"), ("av", "loss_ce"))):
+        c = curves.get(name) or []
+        ax.plot([p["step"] for p in c], [p[key] for p in c], color="#3b6ea5")
+        ax.set_title(f"{name.upper()} training: {key}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=sorted(pairs.MINI_PAIRS), required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig field override")
+    p.add_argument("--work", help="phase checkpoints (default ~/.cache/nla_ray/train/<family>)")
+    p.add_argument("--pair-out", help="where the trained pair goes (default nla_ray/pairs/<family>)")
+    p.add_argument("--results", help="summary/figures (default results/train_mini_nla/<family>)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--phases", default="collect,ar,av,eval")
+    a = p.parse_args(argv)
+
+    cfg = train.TrainConfig(family=a.family)
+    for item in a.set:
+        k, v = item.split("=", 1)
+        if not hasattr(cfg, k):
+            raise SystemExit(f"--set: unknown TrainConfig field {k!r}; fields: {sorted(vars(cfg))}")
+        setattr(cfg, k, yaml.safe_load(v))
+    fam = pairs.MINI_PAIRS[a.family]
+    K = fam["layer"]
+    work = Path(a.work) if a.work else sources.cache_root() / "train" / a.family
+    pair_out = Path(a.pair_out) if a.pair_out else REPO / "nla_ray" / "pairs" / a.family
+    results = Path(a.results) if a.results else REPO / "results" / "train_mini_nla" / a.family
+    work.mkdir(parents=True, exist_ok=True)
+    phases = a.phases.split(",")
+    dev = resolve_device(a.device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    res = sources.resolve(fam["base"])
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(res.path)
+    timings = {}
+
+    # -- collect ---------------------------------------------------------------------------
+    data_f = work / "data.pt"
+    if "collect" in phases and not data_f.is_file():
+        t0 = time.time()
+        model = load_causal_lm(res.path, device=dev, dtype=torch.float32)
+        tr_docs = list(PackagedBBCNews(split="train", limit=cfg.n_train_docs).iter_documents())
+        ev_docs = list(PackagedBBCNews(split="heldout", limit=cfg.n_eval_docs).iter_documents())
+        tr = train.collect(model, tok, tr_docs, K, positions_per_doc=cfg.positions_per_doc, seed=cfg.seed,
+                           max_length=cfg.max_length, log=log)
+        ev = train.collect(model, tok, ev_docs, K, positions_per_doc=cfg.eval_positions_per_doc, seed=cfg.seed,
+                           max_length=cfg.max_length, log=log)
+        torch.save({"train": tr, "eval": ev}, data_f)
+        del model
+        timings["collect_s"] = round(time.time() - t0, 1)
+    if not data_f.is_file():
+        raise SystemExit(f"no collected data at {data_f}: run the collect phase first")
+    data = torch.load(data_f, weights_only=False)
+    tr, ev = data["train"], data["eval"]
+    overlap = {r["doc_id"] for r in tr} & {r["doc_id"] for r in ev}
+    if overlap:
+        raise SystemExit(f"held-out documents leaked into training: {sorted(overlap)[:5]}")
+    norms = np.linalg.norm(np.stack([r["vector"] for r in tr]), axis=1)
+    inj_scale = round(float(np.median(norms)), 2)
+    gold_tr = np.stack([r["vector"] for r in tr]).astype(np.float32)
+    log(f"[data] train rows {len(tr)} from {len({r['doc_id'] for r in tr})} docs; eval rows {len(ev)}; "
+        f"median |v| {inj_scale}")
+    d = gold_tr.shape[1]
+    var_train = None
+    from nla_ray import metrics
+
+    var_train = float(metrics.variance_baseline(gold_tr, math_sqrt(d)))
+    extra = {"base_checkpoint": fam["base"], "stage": "sl",
+             "base_model": {"source": fam["base"], "gguf_file": res.gguf_file, "sha256": res.sha256},
+             "eval": {"var_train": round(var_train, 6)},
+             "training": {"recipe": "nla_ray.train (LoRA + value head, deterministic targets)",
+                          "config": train.config_dict(cfg), "injection_scale_from": "median |v| of training vectors"}}
+    av_meta, ar_meta = pairs.build_metas(tok, d, K, inj_scale, extra)
+
+    # -- AR --------------------------------------------------------------------------------
+    ar_dir = work / "ar"
+    curves = json.loads((work / "curves.json").read_text()) if (work / "curves.json").is_file() else {}
+    if "ar" in phases and not (ar_dir / "value_head.safetensors").is_file():
+        t0 = time.time()
+        model = load_causal_lm(res.path, device=dev, dtype=torch.float32)
+        peft_m, head, curves["ar"] = train.train_ar(model, tok, ar_meta, tr, cfg, log=log)
+        tmp = work / "ar.tmp"
+        (tmp / "adapter").mkdir(parents=True, exist_ok=True)
+        _save_adapter(peft_m, tmp / "adapter")
+        from safetensors.torch import save_file
+
+        save_file({"weight": head.weight.detach().float().cpu().contiguous()}, str(tmp / "value_head.safetensors"))
+        tmp.rename(ar_dir)
+        write_json(work / "curves.json", curves)
+        del model, peft_m
+        timings["ar_s"] = round(time.time() - t0, 1)
+
+    # -- AV --------------------------------------------------------------------------------
+    av_dir = work / "av"
+    if "av" in phases and not (av_dir / "adapter" / "adapter_config.json").is_file():
+        t0 = time.time()
+        model = load_causal_lm(res.path, device=dev, dtype=torch.float32)
+        peft_m, curves["av"] = train.train_av(model, tok, av_meta, tr, cfg, log=log)
+        tmp = work / "av.tmp"
+        (tmp / "adapter").mkdir(parents=True, exist_ok=True)
+        _save_adapter(peft_m, tmp / "adapter")
+        tmp.rename(av_dir)
+        write_json(work / "curves.json", curves)
+        del model, peft_m
+        timings["av_s"] = round(time.time() - t0, 1)
+
+    # -- write the pair + eval ---------------------------------------------------------------
+    if "eval" in phases:
+        import shutil
+
+        if not (ar_dir / "value_head.safetensors").is_file() or not (av_dir / "adapter").is_dir():
+            raise SystemExit("eval needs the ar and av phases to have finished")
+        for role, meta, src in (("av", av_meta, av_dir), ("ar", ar_meta, ar_dir)):
+            dst = pair_out / role
+            shutil.rmtree(dst, ignore_errors=True)
+            dst.mkdir(parents=True)
+            shutil.copytree(src / "adapter", dst / "adapter")
+            for f in (dst / "adapter").glob("README.md"):
+                f.unlink()
+            if role == "ar":
+                shutil.copy(src / "value_head.safetensors", dst / "value_head.safetensors")
+            write_sidecar(dst, meta)
+        t0 = time.time()
+        av = pairs.load_av(pair_out / "av", device=str(dev), dtype="float32", max_new_tokens=cfg.eval_max_new_tokens)
+        ar = pairs.load_ar(pair_out / "ar", device=str(dev), dtype="float32")
+        timings["load_shipped_pair_s"] = round(time.time() - t0, 1)
+        t0 = time.time()
+        ev_res = train.evaluate(av, ar, ev, batch=64, max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed, log=log)
+        timings["eval_s"] = round(time.time() - t0, 1)
+        size = sum(f.stat().st_size for f in pair_out.rglob("*") if f.is_file())
+        summary = {"job": "train_mini_nla", "family": a.family, "base": fam["base"], "layer": K,
+                   "config": train.config_dict(cfg), "injection_scale": inj_scale, "var_train": var_train,
+                   "train_rows": len(tr), "train_docs": len({r["doc_id"] for r in tr}),
+                   "heldout": {k: v for k, v in ev_res.items() if k != "examples"},
+                   "examples": ev_res["examples"], "curves": curves, "timings": timings,
+                   "pair_dir": str(pair_out.relative_to(REPO)) if pair_out.is_relative_to(REPO) else str(pair_out),
+                   "pair_bytes": size, "target_recipe": train.__doc__.strip().splitlines()[0],
+                   "provenance": provenance(a.family)}
+        write_json(results / "summary.json", summary)
+        _curve_figure(curves, results / "training_curves.png",
+                      f"{a.family}: held-out FVE {ev_res['fve_own']:.3f} (own-set Var)")
+        log(json.dumps(summary["heldout"], indent=1))
+        for ex in ev_res["examples"][:3]:
+            log(f"--- context …{ex['context_tail'][-100:]!r}\n    explanation: {ex['explanation']!r}\n    nmse {ex['nmse']:.4f}")
+    return 0
+
+
+def math_sqrt(d: int) -> float:
+    import math
+
+    return math.sqrt(d)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

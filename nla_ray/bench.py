@@ -1,0 +1,881 @@
+"""Throughput of the three NLA stages on the real architectures, against measured ceilings.
+
+The models are the released architectures built from their config fields with random weights,
+directly on the device (no downloads): a decoder's speed does not depend on what its weights
+say, only on their shapes, so random weights cost the same as trained ones once generation runs a
+fixed number of tokens (stop tokens are ignored here). Weights are drawn from N(0, 0.02), never
+zeros (METHOD.md: zeros can run faster than real data).
+
+Stages, each sized by the nla_ray preset that runs that model (layer K, document length, AV token
+budget and temperature, AR batch):
+  ceilings    device-to-device copy bandwidth (bytes read + written) and a square matrix product's
+              rate, measured in the same process; every roofline below divides by these two;
+  extraction  blocks 0..K over [B, T] tokens with output_hidden_states (what `Extractor` runs;
+              B = Extractor's token budget // T);
+  av          prompt embeddings with an injected vector -> N new tokens, for several batch sizes,
+              with transformers' `generate` (the reference) and `fast_decode.FastDecoder`;
+  ar          blocks 0..K over the AR prompt (template + an N-token explanation) + the value head.
+
+Each stage's roofline fraction is floor / measured, where floor = max(FLOPs / matmul rate,
+bytes / copy bandwidth). FLOPs = 2 x matmul parameters x tokens + attention (4 x heads x head_dim
+per attended query-key pair, windows honoured); bytes = weights read once + KV read/written +
+outputs written. A decode step's bytes count the keys actually attended, not the static buffer;
+the AV prompt's shared prefix (every position before the injection slot) counts once, not per row.
+
+`--tiny` scales every model and stage down so the whole thing runs on a CPU in seconds (tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import inspect
+import json
+import os
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+SCHEMA = "nla_ray.bench/1"
+DEFAULT_BATCHES = (32, 64, 128, 256, 512)
+BACKENDS = ("hf", "fast")
+
+# AV prompt length, the injection slot's index in it (every position before it is the same for all
+# rows) and the AR template overhead (the AR prompt with an empty explanation), counted with
+# the packaged tokenizers on the default templates (tests/test_bench_costmodel.py recounts them,
+# so a template or tokenizer change fails loudly). No Qwen tokenizer ships here: Qwen2.5 uses the
+# same ChatML turn format with a default system prompt, so it takes the SmolLM2 count.
+PROMPT_TOKENS = {
+    "chatml": {"av": 134, "slot": 117, "ar_overhead": 14, "counted_with": "pkg:smollm2-135m"},
+    "gemma3": {"av": 108, "slot": 93, "ar_overhead": 15, "counted_with": "pkg:gemma3-270m"},
+}
+
+# --tiny: every stage shrunk to CPU-test size; shapes only, nothing here is reported as a result.
+TINY_STAGES = {"extract_batch": 2, "extract_len": 32, "av_prompt": 12, "av_slot": 9, "av_new": 6, "av_batches": (2, 4),
+               "ar_batch": 4, "ar_overhead": 6}
+TINY_ARCH = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 6,
+             "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    name: str
+    checkpoint: str        # the release whose config.json these fields copy
+    preset: str            # nla_ray preset that runs it: layer, lengths, batches, temperature
+    prompt: str            # key of PROMPT_TOKENS
+    config_class: str
+    fields: dict
+    tiny_fields: dict = field(default_factory=dict)
+
+
+MODELS: dict[str, BenchModel] = {
+    "gemma3-27b": BenchModel(
+        "gemma3-27b", "google/gemma-3-27b-it", "paper-gemma27b-L41", "gemma3", "Gemma3TextConfig",
+        dict(vocab_size=262208, hidden_size=5376, intermediate_size=21504, num_hidden_layers=62,
+             num_attention_heads=32, num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=168,
+             sliding_window=1024, sliding_window_pattern=6, max_position_embeddings=131072,
+             rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh",
+             rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                              "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+        # A window shorter than the tiny prompt, so the sliding path is exercised on a CPU too.
+        dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8)),
+    "qwen2.5-7b": BenchModel(
+        "qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", "paper-qwen7b-L20", "chatml", "Qwen2Config",
+        dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+             num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+             rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
+             rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "smollm2-135m": BenchModel(
+        "smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", "mini", "chatml", "LlamaConfig",
+        dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+             num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+             rms_norm_eps=1e-5, tie_word_embeddings=True,
+             rope_parameters={"rope_type": "default", "rope_theta": 100000.0})),
+}
+
+
+def measure_prompt_tokens(tokenizer) -> dict:
+    """{'av': AV prompt length, 'slot': injection index, 'ar_overhead': AR prompt with no explanation}."""
+    from . import pairs, templates as T
+
+    char = pairs.choose_injection_char(tokenizer)
+    ids = T.av_prompt_ids(tokenizer, T.DEFAULT_AV_TEMPLATE, char)
+    slot = ids.index(tokenizer.encode(char, add_special_tokens=False)[0])
+    ar = len(tokenizer(T.ar_prompt(T.DEFAULT_AR_TEMPLATE, ""), add_special_tokens=True)["input_ids"])
+    return {"av": len(ids), "slot": slot, "ar_overhead": ar}
+
+
+# ---------------------------------------------------------------------------------------------
+# building
+
+
+def make_config(spec: BenchModel, tiny: bool = False):
+    import transformers
+
+    fields = dict(spec.fields)
+    if tiny:
+        fields.update(TINY_ARCH)
+        if "head_dim" not in spec.tiny_fields:
+            fields.pop("head_dim", None)  # derive it from the tiny width
+        fields.update(spec.tiny_fields)
+    # Random weights never emit a meaningful stop token; none is configured, so `generate` runs
+    # the full token budget.
+    fields.update(eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    return getattr(transformers, spec.config_class)(**fields)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """One storage (tied weights); meta tensors have no storage, so compare the objects."""
+    return a is b or (a.device.type != "meta" and a.data_ptr() == b.data_ptr())
+
+
+def build_model(spec: BenchModel, *, device: torch.device, dtype: torch.dtype, tiny: bool = False, seed: int = 0):
+    """The architecture with N(0, 0.02) weights, allocated on `device` (HF's initialisers skipped:
+    on a 27B model they would dominate the run)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older layouts
+        from transformers.modeling_utils import no_init_weights
+
+    cfg = make_config(spec, tiny)
+    with torch.device(device), no_init_weights():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    # Skipping the initialisers also skips tying: without this the LM head would be a second
+    # vocab x d matrix that the released (tied) models do not have.
+    model.tie_weights()
+    tied = _same(model.get_output_embeddings().weight, model.get_input_embeddings().weight)
+    if tied != bool(getattr(cfg, "tie_word_embeddings", False)):
+        raise RuntimeError(f"{spec.name}: LM head tied={tied}, config says {cfg.tie_word_embeddings}")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=gen)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# counting FLOPs and bytes
+
+
+def attended_pairs(t: int, window: int | None) -> int:
+    """Causal query-key pairs of a t-token sequence (a window w keeps keys with i - j < w)."""
+    if window is None or window >= t:
+        return t * (t + 1) // 2
+    return window * (window + 1) // 2 + (t - window) * window
+
+
+@dataclass
+class Counts:
+    d: int
+    vocab: int
+    n_layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    windows: list            # per layer: sliding window or None
+    block_params: list       # per layer: all parameters
+    block_matmul: list       # per layer: parameters of matrix weights (the FLOP-bearing ones)
+    embed_params: int
+    head_params: int         # the output projection (counted even when tied: it is read)
+    tied: bool
+    final_norm_params: int
+    elt: int                 # bytes per parameter / activation element
+
+    @classmethod
+    def of(cls, model) -> "Counts":
+        from .models import decoder_of, text_config
+
+        cfg = text_config(model.config)
+        dec = decoder_of(model)
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+        win = getattr(cfg, "sliding_window", None)
+        windows = [win if t == "sliding_attention" else None for t in types]
+        blocks = list(dec.layers)
+        emb = dec.embed_tokens.weight
+        head = model.get_output_embeddings().weight
+        norm = getattr(dec, "norm", None)
+        return cls(d=cfg.hidden_size, vocab=head.shape[0], n_layers=len(blocks), heads=heads,
+                   kv_heads=getattr(cfg, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                   windows=windows,
+                   block_params=[sum(p.numel() for p in b.parameters()) for b in blocks],
+                   block_matmul=[sum(p.numel() for p in b.parameters() if p.ndim == 2) for b in blocks],
+                   embed_params=emb.numel(), head_params=head.numel(), tied=_same(head, emb),
+                   final_norm_params=sum(p.numel() for p in norm.parameters()) if norm is not None else 0,
+                   elt=emb.element_size())
+
+    @property
+    def total_params(self) -> int:
+        return sum(self.block_params) + self.embed_params + self.final_norm_params + \
+            (0 if self.tied else self.head_params)
+
+    def kv_bytes_per_token(self, n_layers: int | None = None) -> int:
+        n = self.n_layers if n_layers is None else n_layers
+        return n * 2 * self.kv_heads * self.head_dim * self.elt
+
+    def prefill(self, batch: int, t: int, n_layers: int, logits_rows: int = 0, hidden_out: int = 0,
+                offset: int = 0) -> dict:
+        """FLOPs and bytes of blocks 0..n_layers-1 over [batch, t] tokens at positions offset.. (the
+        first `offset` keys already cached), + LM head rows, + `hidden_out` hidden-state tensors out."""
+        mm = sum(self.block_matmul[:n_layers])
+        flops = 2 * batch * t * mm
+        flops += sum(4 * batch * self.heads * self.head_dim *
+                     (attended_pairs(offset + t, w) - attended_pairs(offset, w)) for w in self.windows[:n_layers])
+        byts = sum(self.block_params[:n_layers]) * self.elt
+        byts += batch * (t + offset) * self.kv_bytes_per_token(n_layers)  # new keys written, cached ones read
+        byts += batch * t * self.d * self.elt * (1 + hidden_out)  # embeddings read, hidden states out
+        if logits_rows:
+            flops += 2 * batch * logits_rows * self.d * self.vocab
+            byts += (self.head_params + self.final_norm_params) * self.elt + batch * logits_rows * self.vocab * self.elt
+        return {"flops": float(flops), "bytes": float(byts)}
+
+    def decode_step(self, batch: int, pos: int) -> dict:
+        """One token per row fed at position `pos` (keys 0..pos attended, windows honoured)."""
+        att = [min(pos + 1, w) if w else pos + 1 for w in self.windows]
+        flops = 2 * batch * (sum(self.block_matmul) + self.d * self.vocab)
+        flops += sum(4 * batch * self.heads * self.head_dim * a for a in att)
+        byts = (sum(self.block_params) + self.final_norm_params + self.head_params) * self.elt
+        byts += sum(2 * self.kv_heads * self.head_dim * self.elt * batch * (a + 1) for a in att)
+        byts += batch * self.vocab * self.elt
+        return {"flops": float(flops), "bytes": float(byts)}
+
+    def generation(self, batch: int, prompt: int, new: int, shared_prefix: int = 0) -> dict:
+        """Prefill (logits for the last row) + the new-1 forward passes that produce `new` tokens.
+        A prefix every row shares needs computing once: the floor counts it at batch 1."""
+        tot = self.prefill(batch, prompt - shared_prefix, self.n_layers, logits_rows=1, offset=shared_prefix)
+        if shared_prefix:
+            pre = self.prefill(1, shared_prefix, self.n_layers)
+            tot = {k: tot[k] + pre[k] for k in tot}
+        steps = [self.decode_step(batch, prompt + s) for s in range(new - 1)]
+        return {"flops": tot["flops"] + sum(s["flops"] for s in steps),
+                "bytes": tot["bytes"] + sum(s["bytes"] for s in steps),
+                "prefill": tot,
+                "decode": {"flops": sum(s["flops"] for s in steps), "bytes": sum(s["bytes"] for s in steps)}}
+
+
+def roofline(measured_s: float, flops: float, byts: float, ceilings: dict) -> dict:
+    c = flops / ceilings["matmul_flops_per_s"]
+    m = byts / ceilings["copy_bytes_per_s"]
+    floor = max(c, m)
+    return {"measured_s": measured_s, "flops": flops, "bytes": byts, "compute_floor_s": c, "memory_floor_s": m,
+            "floor_s": floor, "bound": "compute" if c >= m else "memory",
+            "fraction": floor / measured_s if measured_s > 0 else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], *, device: torch.device, reps: int, warmup: int) -> list[float]:
+    """Seconds per call: CUDA events around each call on a GPU, perf_counter on a CPU."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    out = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def _stats(times: list[float]) -> dict:
+    return {"median_s": statistics.median(times), "reps_s": times,
+            "spread": (max(times) - min(times)) / statistics.median(times) if len(times) > 1 else 0.0}
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype, *, reps: int, warmup: int) -> dict:
+    """Copy bandwidth (bytes read + written) and square-matmul rate on random data."""
+    cuda = device.type == "cuda"
+    # GPU: 2 GiB per buffer (far past a 50-60 MB L2) and n=8192 (fills every SM); CPU: sizes that
+    # finish in well under a second.
+    n_copy = (1 << 30) if cuda else (1 << 22)
+    n_mm = 8192 if cuda else 512
+    src = torch.randn(n_copy, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    t_copy = timed(functools.partial(dst.copy_, src), device=device, reps=max(reps, 5), warmup=warmup + 1)
+    copy_bytes = 2 * src.numel() * src.element_size()
+    del src, dst
+    a = torch.randn(n_mm, n_mm, device=device, dtype=dtype)
+    b = torch.randn(n_mm, n_mm, device=device, dtype=dtype)
+    t_mm = timed(functools.partial(torch.matmul, a, b), device=device, reps=max(reps, 5), warmup=warmup + 1)
+    del a, b
+    _free(device)
+    cs, ms = _stats(t_copy), _stats(t_mm)
+    return {"copy_bytes_per_s": copy_bytes / cs["median_s"], "matmul_flops_per_s": 2 * n_mm ** 3 / ms["median_s"],
+            "copy": {"bytes": copy_bytes, **cs}, "matmul": {"n": n_mm, "dtype": str(dtype).replace("torch.", ""), **ms}}
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+_OOM = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+             if t is not None)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, _OOM) or "out of memory" in str(e).lower()
+
+
+def _peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device) -> int | None:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan of one model's run
+
+
+@dataclass
+class StagePlan:
+    layer: int
+    positions_per_doc: int
+    extract_batch: int
+    extract_len: int
+    av_prompt: int
+    av_slot: int
+    av_new: int
+    av_batches: list
+    temperature: float
+    ar_batch: int
+    ar_len: int
+    sources: dict
+
+
+def plan_for(spec: BenchModel, *, tiny: bool = False, new_tokens: int | None = None,
+             batches: list[int] | None = None, temperature: float | None = None) -> StagePlan:
+    from .config import load_config
+    from .extract import Extractor
+
+    cfg = load_config(spec.preset)
+    if tiny:
+        s = TINY_STAGES
+        n_layers = TINY_ARCH["num_hidden_layers"]
+        new = new_tokens or s["av_new"]
+        return StagePlan(layer=n_layers - 2, positions_per_doc=cfg.positions_per_doc,
+                         extract_batch=s["extract_batch"], extract_len=s["extract_len"], av_prompt=s["av_prompt"],
+                         av_slot=s["av_slot"],
+                         av_new=new, av_batches=list(batches or s["av_batches"]),
+                         temperature=cfg.av.temperature if temperature is None else temperature,
+                         ar_batch=s["ar_batch"], ar_len=s["ar_overhead"] + new,
+                         sources={"tiny": "TINY_STAGES"})
+    budget = inspect.signature(Extractor.__init__).parameters["batch_tokens"].default
+    prompt = PROMPT_TOKENS[spec.prompt]
+    new = new_tokens or cfg.av.max_new_tokens
+    return StagePlan(
+        layer=cfg.layer, positions_per_doc=cfg.positions_per_doc,
+        extract_batch=max(1, budget // cfg.max_length), extract_len=cfg.max_length,
+        av_prompt=prompt["av"], av_slot=prompt["slot"], av_new=new, av_batches=list(batches or DEFAULT_BATCHES),
+        temperature=cfg.av.temperature if temperature is None else temperature,
+        ar_batch=cfg.pools["ar"].batch_size, ar_len=prompt["ar_overhead"] + new,
+        sources={"preset": spec.preset, "extract_token_budget": f"Extractor.batch_tokens={budget}",
+                 "prompt_tokens": prompt["counted_with"],
+                 "ar_len": "AR template overhead + the full AV token budget (an upper bound)"})
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+
+
+def _random_ids(batch: int, t: int, vocab: int, device, gen) -> torch.Tensor:
+    # Token 0 is the pad id of these configs; real text never is all pads.
+    return torch.randint(1, vocab, (batch, t), device=device, generator=gen)
+
+
+def bench_prefill_stage(model, counts: Counts, *, n_layers: int, batch: int, t: int, hidden_states: bool,
+                        head: torch.nn.Module | None, ceilings, device, reps, warmup, gen) -> dict:
+    from .models import backbone_from_model
+
+    bb = backbone_from_model(model, n_layers)
+    ids = _random_ids(batch, t, counts.vocab, device, gen)
+    mask = torch.ones_like(ids)
+    last = torch.full((batch,), t - 1, device=device)
+    rows = torch.arange(batch, device=device)
+
+    @torch.no_grad()
+    def run():
+        out = bb(input_ids=ids, attention_mask=mask, output_hidden_states=hidden_states)
+        if head is not None:
+            return head(out.last_hidden_state[rows, last].float())
+        return out
+
+    _peak_reset(device)
+    st = _stats(timed(run, device=device, reps=reps, warmup=warmup))
+    work = counts.prefill(batch, t, n_layers, hidden_out=(n_layers + 1) if hidden_states else 0)
+    if head is not None:
+        work["flops"] += 2 * batch * counts.d * counts.d
+    return {"status": "ok", "batch": batch, "tokens": t, "layers": n_layers, **st,
+            "tokens_per_s": batch * t / st["median_s"], "rows_per_s": batch / st["median_s"],
+            "peak_bytes": _peak(device), "roofline": roofline(st["median_s"], work["flops"], work["bytes"], ceilings)}
+
+
+def _prompt_embeds(model, batch: int, t: int, slot: int, vocab: int, device, gen) -> torch.Tensor:
+    """One prompt for every row (as in AVEngine) with a different random vector at `slot`."""
+    from .av import inject
+
+    ids = _random_ids(1, t, vocab, device, gen).expand(batch, t)
+    with torch.no_grad():
+        emb = model.get_input_embeddings()(ids)
+    vec = torch.randn(batch, emb.shape[-1], device=device, generator=gen)
+    # The vector's norm does not change the cost; the engine rescales it, here it stays as drawn.
+    return inject(emb, slot, vec, None)
+
+
+def bench_av_hf(model, emb, *, new: int, temperature: float, device, reps: int, warmup: int) -> dict:
+    b = emb.shape[0]
+    kw = dict(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long, device=device),
+              pad_token_id=0)
+    if temperature > 0:
+        kw.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    else:
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+
+    @torch.no_grad()
+    def run():
+        return model.generate(max_new_tokens=new, **kw)
+
+    # The first call checks the fixed length and is the warm-up.
+    out = run()
+    if tuple(out.shape) != (b, new):
+        raise RuntimeError(f"generate returned {tuple(out.shape)}, expected fixed length {(b, new)}")
+    del out
+    _peak_reset(device)
+    st = _stats(timed(run, device=device, reps=reps, warmup=max(0, warmup - 1)))
+    return {"status": "ok", **st, "peak_bytes": _peak(device)}
+
+
+def bench_av_fast(model, emb, *, new: int, temperature: float, device, reps: int, warmup: int,
+                  kv_bucket: int) -> dict:
+    from .fast_decode import FastDecoder
+
+    b = emb.shape[0]
+    dec = FastDecoder(model, stop_ids=(), kv_bucket=kv_bucket)
+    seeds = list(range(b)) if temperature > 0 else None
+    t0 = time.perf_counter()
+    toks = dec.generate(emb, temperature=temperature, seeds=seeds, max_new=new)  # builds + captures
+    _sync(device)
+    setup_s = time.perf_counter() - t0
+    if tuple(toks.shape) != (b, new):
+        raise RuntimeError(f"fast decode returned {tuple(toks.shape)}, expected {(b, new)}")
+    info = {"setup_s": setup_s, "capture_s": dec.last["capture_s"], "graphs": dec.last["graphs"],
+            "graph_error": dec.last["graph_error"], "kv_buckets": dec.last["buckets"],
+            "shared_prefix": dec.last["shared_prefix"]}
+    for _ in range(max(0, warmup - 1)):
+        dec.generate(emb, temperature=temperature, seeds=seeds, max_new=new)
+    split = []
+
+    def run():
+        dec.generate(emb, temperature=temperature, seeds=seeds, max_new=new, timing=True)
+        split.append((dec.last["prefill_s"], dec.last["decode_s"]))
+
+    _peak_reset(device)
+    st = _stats(timed(run, device=device, reps=reps, warmup=0))
+    dec.release()
+    prefill = statistics.median(s[0] for s in split)
+    decode = statistics.median(s[1] for s in split)
+    return {"status": "ok", **st, **info, "prefill_s": prefill, "decode_s": decode,
+            "decode_s_per_token": decode / new, "peak_bytes": _peak(device)}
+
+
+def check_fast(model, counts: Counts, plan: StagePlan, *, device, gen, kv_bucket: int, new: int) -> dict:
+    """Greedy tokens of the graph-replayed decode must equal the same decoder run eagerly (same
+    kernels, so bit-identical on a GPU); agreement with HF `generate` is reported, not required:
+    its attention kernels differ, and in bf16 a random model's near-tied logits flip early."""
+    from .fast_decode import FastDecoder
+
+    b = min(plan.av_batches)
+    emb = _prompt_embeds(model, b, plan.av_prompt, plan.av_slot, counts.vocab, device, gen)
+    out = {"batch": b, "new_tokens": new}
+    eager = FastDecoder(model, graphs=False, kv_bucket=kv_bucket).generate(emb, max_new=new)
+    if device.type == "cuda":
+        dec = FastDecoder(model, graphs=True, kv_bucket=kv_bucket)
+        graph = dec.generate(emb, max_new=new)
+        out.update(graphs=dec.last["graphs"], graph_error=dec.last["graph_error"],
+                   kv_buckets=dec.last["buckets"], graph_equals_eager=bool(torch.equal(graph, eager)))
+        dec.release()
+    ones = torch.ones(emb.shape[:2], dtype=torch.long, device=device)
+    with torch.no_grad():
+        hf = model.generate(inputs_embeds=emb, attention_mask=ones, max_new_tokens=new, do_sample=False,
+                            temperature=None, top_p=None, top_k=None, pad_token_id=0)
+    same = hf == eager
+    first = [int(r.nonzero()[0]) if bool(r.any()) else new for r in ~same]
+    out.update(hf_token_agreement=float(same.float().mean()), hf_rows_identical=int(same.all(dim=1).sum()),
+               hf_first_divergence_median=statistics.median(first))
+    return out
+
+
+def _fits(device, need: float) -> tuple[bool, float | None]:
+    if device.type != "cuda":
+        return True, None
+    free, _ = torch.cuda.mem_get_info(device)
+    return need < free, float(free)
+
+
+def bench_av(model, counts: Counts, plan: StagePlan, *, backends, ceilings, device, reps, warmup, gen,
+             kv_bucket: int, deadline: float | None, on_update: Callable[[], None]) -> dict:
+    res = {"prompt_len": plan.av_prompt, "new_tokens": plan.av_new, "temperature": plan.temperature,
+           "runs": []}
+    oom_at: dict[str, int] = {}
+    if "fast" in backends and plan.temperature == 0:
+        try:
+            # Enough tokens to cross at least one key-length bucket, so more than one graph runs.
+            res["check"] = check_fast(model, counts, plan, device=device, gen=gen, kv_bucket=kv_bucket,
+                                      new=min(plan.av_new, max(kv_bucket, 1) + 1))
+        except Exception as e:  # noqa: BLE001
+            res["check"] = {"status": "oom" if _is_oom(e) else "error", "reason": f"{type(e).__name__}: {e}"[:500]}
+        finally:
+            _free(device)
+        on_update()
+    for backend in backends:
+        for b in plan.av_batches:
+            row = {"backend": backend, "batch": b}
+            res["runs"].append(row)
+            if deadline is not None and time.time() > deadline:
+                row.update(status="skipped", reason="time budget spent")
+                continue
+            if backend in oom_at and b > oom_at[backend]:
+                row.update(status="skipped", reason=f"out of memory at batch {oom_at[backend]}")
+                continue
+            # The KV cache alone for (prompt + new) tokens; the fast path holds all of it at once.
+            kv = b * (plan.av_prompt + plan.av_new) * counts.kv_bytes_per_token()
+            ok, free = _fits(device, kv)
+            if not ok:
+                row.update(status="oom", reason="predicted", kv_bytes=kv, free_bytes=free)
+                oom_at[backend] = min(oom_at.get(backend, b), b)
+                on_update()
+                continue
+            emb = None
+            try:
+                emb = _prompt_embeds(model, b, plan.av_prompt, plan.av_slot, counts.vocab, device, gen)
+                if backend == "hf":
+                    r = bench_av_hf(model, emb, new=plan.av_new, temperature=plan.temperature, device=device,
+                                    reps=reps, warmup=warmup)
+                else:
+                    r = bench_av_fast(model, emb, new=plan.av_new, temperature=plan.temperature, device=device,
+                                      reps=reps, warmup=warmup, kv_bucket=kv_bucket)
+                work = counts.generation(b, plan.av_prompt, plan.av_new, shared_prefix=plan.av_slot)
+                r["roofline"] = roofline(r["median_s"], work["flops"], work["bytes"], ceilings)
+                if "decode_s" in r:
+                    r["roofline_decode"] = roofline(r["decode_s"], work["decode"]["flops"], work["decode"]["bytes"],
+                                                    ceilings)
+                    r["roofline_prefill"] = roofline(r["prefill_s"], work["prefill"]["flops"],
+                                                     work["prefill"]["bytes"], ceilings)
+                r["tokens_per_s"] = b * plan.av_new / r["median_s"]
+                r["explanations_per_s"] = b / r["median_s"]
+                row.update(r)
+            except Exception as e:  # noqa: BLE001 - one failed configuration must not end the run
+                if _is_oom(e):
+                    row.update(status="oom", reason=str(e).splitlines()[0][:300])
+                    oom_at[backend] = min(oom_at.get(backend, b), b)
+                else:
+                    row.update(status="error", reason=f"{type(e).__name__}: {e}"[:500])
+            finally:
+                del emb
+                _free(device)
+            on_update()
+    ok = {(r["backend"], r["batch"]): r for r in res["runs"] if r.get("status") == "ok"}
+    res["speedup"] = [{"batch": b, "fast_over_hf": ok[("hf", b)]["median_s"] / ok[("fast", b)]["median_s"]}
+                      for b in plan.av_batches if ("hf", b) in ok and ("fast", b) in ok]
+    res["best"] = {}
+    for backend in backends:
+        runs = [r for r in res["runs"] if r["backend"] == backend and r.get("status") == "ok"]
+        if runs:
+            best = max(runs, key=lambda r: r["explanations_per_s"])
+            res["best"][backend] = {"batch": best["batch"], "explanations_per_s": best["explanations_per_s"],
+                                    "tokens_per_s": best["tokens_per_s"],
+                                    "roofline_fraction": best["roofline"]["fraction"]}
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # bf16 is what the presets run on a GPU; on a CPU bf16 matmuls are slow, so fp32.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+            "fp16": torch.float16, "float16": torch.float16}[name]
+
+
+def device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return {"type": "cuda", "name": p.name, "memory_bytes": int(p.total_memory),
+                "multiprocessors": p.multi_processor_count, "torch": torch.__version__,
+                "cuda": torch.version.cuda}
+    return {"type": "cpu", "name": "CPU", "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def bench_model(spec: BenchModel, *, device, dtype, tiny, backends, reps, warmup, new_tokens, batches,
+                temperature, kv_bucket, deadline, ceilings, on_update, entry: dict) -> dict:
+    import transformers
+
+    plan = plan_for(spec, tiny=tiny, new_tokens=new_tokens, batches=batches, temperature=temperature)
+    entry.update({"checkpoint": spec.checkpoint, "preset": spec.preset, "plan": asdict(plan),
+                  "config_class": spec.config_class, "transformers": transformers.__version__,
+                  "ceilings_used": {k: ceilings[k] for k in ("copy_bytes_per_s", "matmul_flops_per_s")}})
+    t0 = time.perf_counter()
+    model = build_model(spec, device=device, dtype=dtype, tiny=tiny)
+    _sync(device)
+    entry["build_s"] = time.perf_counter() - t0
+    counts = Counts.of(model)
+    entry["arch"] = {k: v for k, v in asdict(counts).items() if k not in ("block_params", "block_matmul", "windows")}
+    entry["arch"].update(total_params=counts.total_params, weight_bytes=counts.total_params * counts.elt,
+                         kv_bytes_per_token=counts.kv_bytes_per_token(),
+                         sliding_layers=sum(w is not None for w in counts.windows),
+                         sliding_window=next((w for w in counts.windows if w), None))
+    on_update()
+    gen = torch.Generator(device=device).manual_seed(1)
+    k1 = plan.layer + 1
+
+    def stage(name, fn):
+        if deadline is not None and time.time() > deadline:
+            entry[name] = {"status": "skipped", "reason": "time budget spent"}
+        else:
+            try:
+                entry[name] = fn()
+            except Exception as e:  # noqa: BLE001
+                entry[name] = {"status": "oom" if _is_oom(e) else "error",
+                               "reason": f"{type(e).__name__}: {e}"[:500]}
+            finally:
+                _free(device)
+        on_update()
+
+    common = dict(ceilings=ceilings, device=device, reps=reps, warmup=warmup, gen=gen)
+    stage("extraction", functools.partial(bench_prefill_stage, model, counts, n_layers=k1, batch=plan.extract_batch,
+                                          t=plan.extract_len, hidden_states=True, head=None, **common))
+    if entry["extraction"].get("status") == "ok":
+        entry["extraction"]["activations_per_s"] = entry["extraction"]["rows_per_s"] * plan.positions_per_doc
+    stage("av", functools.partial(bench_av, model, counts, plan, backends=backends, kv_bucket=kv_bucket,
+                                  deadline=deadline, on_update=on_update, **common))
+    # The AR's value head: Linear(d, d) in fp32 on the last real token, as AREngine runs it.
+    head = torch.nn.Linear(counts.d, counts.d, bias=False, device=device, dtype=torch.float32)
+    stage("ar", functools.partial(bench_prefill_stage, model, counts, n_layers=k1, batch=plan.ar_batch,
+                                  t=plan.ar_len, hidden_states=False, head=head, **common))
+    del model, head
+    _free(device)
+    return entry
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def run(models: list[str], out: str | Path, *, tiny: bool = False, device: str = "auto", dtype: str = "auto",
+        backends=BACKENDS, reps: int = 3, warmup: int = 1, new_tokens: int | None = None,
+        batches: list[int] | None = None, temperature: float | None = None, kv_bucket: int = 64,
+        budget_s: float | None = None, fresh: bool = False, figure: bool = True) -> dict:
+    """Benchmark `models`, writing summary.json / table.md / figure.png under `out` after every
+    stage (a run cut short keeps what it measured). An existing summary of the same kind (tiny or
+    not) is merged: models measured now replace their entries, others stay."""
+    from .provenance import provenance
+
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; known: {sorted(MODELS)}")
+    bad = [b for b in backends if b not in BACKENDS]
+    if bad:
+        raise ValueError(f"unknown backend(s) {bad}; known: {list(BACKENDS)}")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    dt = resolve_dtype(dtype, dev)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "summary.json"
+    start = time.time()
+    deadline = start + budget_s if budget_s else None
+    summary = {}
+    if path.is_file() and not fresh:
+        old = json.loads(path.read_text())
+        if old.get("schema") == SCHEMA and old.get("tiny") == tiny:
+            summary = old
+    prov = provenance(extra={"job": "bench", "models": models})
+    summary.update({"schema": SCHEMA, "tiny": tiny, "provenance": prov, "device": device_info(dev),
+                    "dtype": str(dt).replace("torch.", "")})
+    summary.setdefault("models", {})
+    summary.setdefault("runs", []).append({k: prov[k] for k in ("command", "git_commit", "date", "machine")})
+    settings = {"reps": reps, "warmup": warmup, "backends": list(backends), "kv_bucket": kv_bucket,
+                "budget_s": budget_s}
+
+    def update():
+        _write_json(path, summary)
+
+    summary["ceilings"] = measure_ceilings(dev, dt, reps=reps, warmup=warmup)
+    update()
+    for name in models:
+        entry = {"status": "running", "settings": settings}
+        summary["models"][name] = entry
+        try:
+            bench_model(MODELS[name], device=dev, dtype=dt, tiny=tiny, backends=backends, reps=reps, warmup=warmup,
+                        new_tokens=new_tokens, batches=batches, temperature=temperature, kv_bucket=kv_bucket,
+                        deadline=deadline, ceilings=summary["ceilings"], on_update=update, entry=entry)
+            entry["status"] = "ok"
+        except Exception as e:  # noqa: BLE001 - e.g. the weights alone do not fit
+            entry["status"] = "oom" if _is_oom(e) else "error"
+            entry["reason"] = f"{type(e).__name__}: {e}"[:500]
+            _free(dev)
+        entry["wall_s"] = time.time() - start
+        update()
+    summary["wall_s"] = time.time() - start
+    update()
+    (out / "table.md").write_text(render_markdown(summary))
+    if figure:
+        render_figure(summary, out / "figure.png")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# reporting
+
+
+def _fmt(x, spec=".3g"):
+    return "—" if x is None else format(x, spec)
+
+
+def _pct(x):
+    return "—" if x is None else f"{100 * x:.0f}%"
+
+
+def render_markdown(summary: dict) -> str:
+    c = summary["ceilings"]
+    prov = summary["provenance"]
+    lines = [f"# NLA stage throughput — {prov['machine']}" + (" (tiny, CPU test scale)" if summary["tiny"] else ""),
+             "",
+             f"Random-weight models in {summary['dtype']}; {prov['date']}; commit `{prov['git_commit']}`; "
+             f"`{prov['command']}`.",
+             "",
+             f"Ceilings measured in this process: copy {c['copy_bytes_per_s'] / 1e12:.3g} TB/s (read + write), "
+             f"{c['matmul']['dtype']} matmul n={c['matmul']['n']} {c['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s. "
+             "Roofline fraction = max(FLOPs / rate, bytes / bandwidth) / measured.",
+             "",
+             "| model | stage | batch | tokens | median s | throughput | bound | roofline |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, m in summary["models"].items():
+        for st in ("extraction", "ar"):
+            r = m.get(st, {})
+            if r.get("status") != "ok":
+                lines.append(f"| {name} | {st} | | | {r.get('status', '—')} | {r.get('reason', '')[:60]} | | |")
+                continue
+            lines.append(f"| {name} | {st} (blocks 0..{r['layers'] - 1}) | {r['batch']} | {r['tokens']} | "
+                         f"{_fmt(r['median_s'])} | {_fmt(r['tokens_per_s'])} tok/s | {r['roofline']['bound']} | "
+                         f"{_pct(r['roofline']['fraction'])} |")
+    lines += ["", "## AV sampling (prefill + fixed-length decode)", "",
+              "| model | batch | new tokens | hf s | fast s | speedup | fast expl/s | fast decode ms/token | "
+              "fast decode roofline | hf roofline | fast graphs |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in summary["models"].items():
+        av = m.get("av")
+        if not isinstance(av, dict) or "runs" not in av:
+            continue
+        by = {(r["backend"], r["batch"]): r for r in av["runs"]}
+        for b in sorted({r["batch"] for r in av["runs"]}):
+            h, f = by.get(("hf", b), {}), by.get(("fast", b), {})
+            hs = h.get("median_s") if h.get("status") == "ok" else None
+            fs = f.get("median_s") if f.get("status") == "ok" else None
+            sp = hs / fs if hs and fs else None
+            lines.append(
+                f"| {name} | {b} | {av['new_tokens']} | {_fmt(hs) if hs else h.get('status', '—')} | "
+                f"{_fmt(fs) if fs else f.get('status', '—')} | {_fmt(sp, '.2f') + '×' if sp else '—'} | "
+                f"{_fmt(f.get('explanations_per_s'))} | "
+                f"{_fmt(f['decode_s_per_token'] * 1e3) if fs else '—'} | "
+                f"{_pct(f['roofline_decode']['fraction']) if fs else '—'} | "
+                f"{_pct(h['roofline']['fraction']) if hs else '—'} | "
+                f"{f.get('graphs', '—') if fs else '—'} |")
+    checks = [(n, m["av"]["check"]) for n, m in summary["models"].items()
+              if isinstance(m.get("av"), dict) and "check" in m["av"]]
+    if checks:
+        lines += ["", "Fast-decode checks (greedy, smallest batch): graph replay vs the same decoder run eagerly "
+                  "(must be identical), and agreement with HF `generate` (reported only).", ""]
+        for n, c in checks:
+            lines.append(f"- {n}: graph == eager: {c.get('graph_equals_eager', 'n/a (CPU)')}"
+                         f"{' (' + c['graph_error'] + ')' if c.get('graph_error') else ''}; "
+                         f"HF token agreement {_pct(c.get('hf_token_agreement'))}, rows identical "
+                         f"{c.get('hf_rows_identical', '—')}/{c.get('batch', '—')}, median first divergence at token "
+                         f"{c.get('hf_first_divergence_median', '—')} of {c.get('new_tokens', '—')}")
+    return "\n".join(lines) + "\n"
+
+
+def render_figure(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, m in summary["models"].items():
+        av = m.get("av")
+        if not isinstance(av, dict):
+            continue
+        for backend, style in (("hf", "--o"), ("fast", "-s")):
+            runs = sorted((r for r in av.get("runs", []) if r["backend"] == backend and r.get("status") == "ok"),
+                          key=lambda r: r["batch"])
+            if runs:
+                ax1.plot([r["batch"] for r in runs], [r["explanations_per_s"] for r in runs], style,
+                         label=f"{name} {backend}")
+    ax1.set_xscale("log", base=2)
+    ax1.set_yscale("log")
+    ax1.set_xlabel("AV batch size")
+    ax1.set_ylabel("explanations / s (fixed-length decode)")
+    ax1.set_title("AV sampling throughput")
+    ax1.legend(fontsize=7)
+    labels, fracs = [], []
+    for name, m in summary["models"].items():
+        for st in ("extraction", "ar"):
+            r = m.get(st, {})
+            if r.get("status") == "ok":
+                labels.append(f"{name}\n{st}")
+                fracs.append(r["roofline"]["fraction"])
+        best = (m.get("av") or {}).get("best", {}) if isinstance(m.get("av"), dict) else {}
+        for backend in ("hf", "fast"):
+            if backend in best:
+                labels.append(f"{name}\nav {backend} b={best[backend]['batch']}")
+                fracs.append(best[backend]["roofline_fraction"])
+    ax2.bar(range(len(fracs)), fracs)
+    ax2.set_xticks(range(len(fracs)))
+    ax2.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    ax2.set_ylabel("roofline fraction (floor / measured)")
+    ax2.set_ylim(0, 1)
+    ax2.set_title("Share of the measured ceilings reached")
+    fig.suptitle(f"{summary['provenance']['machine']} — {summary['dtype']}" + (" — tiny" if summary["tiny"] else ""),
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,546 @@
+"""Fast AV decoding: a static KV cache and a one-token decode step replayed as a CUDA graph.
+
+`AVEngine._generate_loop` pays, per generated token, a Python walk over every block (hundreds of
+small kernel launches), a KV cache that grows by concatenation, and a host sync (`done.all()`).
+For a batch of same-length AV prompts none of that is needed: every row sits at the same position,
+so the cache can be one preallocated buffer per layer (transformers' `StaticCache`, batch x
+(prompt_len + max_new)), and one decode step — sample the next token, embed it, run every block,
+write the logits — has fixed shapes and can be captured once and replayed per token.
+
+Semantics are the loop's, row for row: greedy argmax, or argmax(logits / temperature + Gumbel
+noise) with the noise from `nla_ray.av.gumbel_noise(seed, step, vocab)` (batch-independent); banned
+tokens masked to -inf; a finished row keeps emitting the first stop id; every `check_every` steps
+(8, the loop's cadence for its closed-tag test) the host looks once: rows whose text holds
+`</explanation>` are marked done, and the decode stops when every row is done.
+
+How it stays correct under graph replay: the position of the token being fed lives in a device
+tensor advanced inside the graph; attention masks are computed in-graph from that tensor by a
+registered attention function (`nla_fast_static`), which the model uses only while this module
+decodes; keys are read up to a length bucket (a separate graph per `kv_bucket` tokens), so early
+steps do not stream the empty tail of the cache. Sliding-window layers keep a full-length buffer
+and get the window from the mask (HF's rule: key j is visible from query i when i - j < window).
+
+Prefill shares work across rows: the rows of an AV batch are one prompt with a different vector in
+one slot, so every position before the slot has the same keys and values in every row; that
+prefix runs once at batch 1 and is written to all rows, and only the tail from the slot on runs at
+full batch. The shared length is found by comparing the rows' embeddings, so any batch is safe.
+
+On CPU (and with `graphs=False`) the same step runs eagerly, which is what the CPU tests compare
+token for token against `_generate_loop`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# The module, not the name: av.py may import this module at its top (a cycle that is harmless as
+# long as nothing is taken from av before it has finished loading).
+from . import av as _av
+
+ATTN_NAME = "nla_fast_static"
+_ACTIVE: "_Session | None" = None  # the session whose masks the attention function reads
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+
+
+def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """AttentionInterface function: [B, H, q, hd] queries against the static cache's keys."""
+    sess = _ACTIVE
+    if sess is None:
+        # Only reachable if a model is left switched to this implementation: behave like sdpa.
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise ValueError("fast decode does not implement attention-logit softcapping (Gemma-2 style)")
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    b, h, q_len, hd = query.shape
+    kv_heads = key.shape[1]
+    group = h // kv_heads
+    if q_len == 1:
+        n = sess.kv_len
+        k, v = key[:, :, :n], value[:, :, :n]
+        mask = sess.decode_mask(window, n)
+        # Grouped-query attention without copying keys: the `group` query heads that share one KV
+        # head become `group` query rows of that head (head h reads KV head h // group).
+        q = query.reshape(b, kv_heads, group, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+        out = out.reshape(b, h, 1, hd)
+    else:
+        # Prefill: queries at positions off..off+q_len-1 against keys 0..off+q_len-1 (off > 0 when
+        # a shared prompt prefix is already in the cache).
+        off = sess.q_offset
+        n = off + q_len
+        k, v = key[:, :, :n], value[:, :, :n]
+        if group > 1:
+            k = k[:, :, None].expand(b, kv_heads, group, n, hd).reshape(b, h, n, hd)
+            v = v[:, :, None].expand(b, kv_heads, group, n, hd).reshape(b, h, n, hd)
+        if off == 0 and (window is None or window >= q_len):
+            out = F.scaled_dot_product_attention(query, k, v, is_causal=True, scale=scaling)
+        else:
+            out = F.scaled_dot_product_attention(query, k, v, attn_mask=sess.prefill_mask(q_len, window, off),
+                                                 scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+_REGISTERED = False
+
+
+def _register() -> None:
+    global _REGISTERED
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTN_NAME, _attention)
+        _REGISTERED = True
+
+
+@contextlib.contextmanager
+def _switched(model, sess: "_Session"):
+    """Route the model's attention through `_attention` and make `sess` the mask source, then undo.
+    Every config object reachable from a module is switched, so multimodal wrappers follow too."""
+    global _ACTIVE
+    _register()
+    configs = {}
+    for m in model.modules():
+        c = getattr(m, "config", None)
+        if c is not None and hasattr(c, "_attn_implementation_internal"):
+            configs[id(c)] = c
+    saved = [(c, c._attn_implementation_internal) for c in configs.values()]
+    prev = _ACTIVE
+    try:
+        for c, _ in saved:
+            c._attn_implementation_internal = ATTN_NAME
+        _ACTIVE = sess
+        yield
+    finally:
+        _ACTIVE = prev
+        for c, old in saved:
+            c._attn_implementation_internal = old
+
+
+# ---------------------------------------------------------------------------------------------
+# cache
+
+
+class _PinnedLayerMixin:
+    """One layer's preallocated keys/values, written at the session's device-side position."""
+
+    def _setup(self, sess: "_Session", batch: int, kv_heads: int, head_dim: int, dtype, device):
+        self.sess = sess
+        self.keys = torch.zeros(batch, kv_heads, sess.max_len, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.dtype, self.device = dtype, device
+        self.batch_size, self.num_heads, self.k_head_dim = batch, kv_heads, head_dim
+        self.v_head_dim = head_dim
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states):  # buffers exist from the start
+        return None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        shared = self.sess.broadcast
+        if (key_states.shape[0] != self.keys.shape[0] and not (shared and key_states.shape[0] == 1)) \
+                or key_states.shape[1] != self.keys.shape[1] or key_states.shape[3] != self.keys.shape[3]:
+            raise ValueError(f"static cache holds {tuple(self.keys.shape)}, the model wrote "
+                             f"{tuple(key_states.shape)}: per-layer head counts differ from the config")
+        n = key_states.shape[-2]
+        idx = self.sess.pos.view(1) if n == 1 else self.sess.pos + self.sess.arange[:n]
+        if shared:
+            # A prefix every row shares, computed once: the same keys go to every row.
+            full = (self.keys.shape[0], -1, -1, -1)
+            self.keys.index_copy_(2, idx, key_states.expand(full))
+            self.values.index_copy_(2, idx, value_states.expand(full))
+            return self.keys[:1], self.values[:1]
+        self.keys.index_copy_(2, idx, key_states)
+        self.values.index_copy_(2, idx, value_states)
+        return self.keys, self.values
+
+
+@functools.lru_cache(maxsize=None)
+def _pinned_layer_class():
+    # Built on first use: transformers is imported lazily, like everywhere else in nla_ray.
+    from transformers.cache_utils import StaticLayer
+
+    return type("_PinnedLayer", (_PinnedLayerMixin, StaticLayer), {})
+
+
+def _make_cache(model, sess: "_Session", batch: int, dtype, device):
+    """transformers' StaticCache, its layers replaced by full-length buffers that write at the
+    session position (HF's own static layers keep the write index in per-layer state, and its
+    sliding layers roll on a host-side counter: neither survives graph replay unchanged)."""
+    from transformers import StaticCache
+
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    layer_cls = _pinned_layer_class()
+    cache = StaticCache(config=model.config, max_cache_len=sess.max_len)
+    layers = []
+    for _ in range(len(cache.layers)):
+        layer = layer_cls(max_cache_len=sess.max_len)
+        layer._setup(sess, batch, kv_heads, head_dim, dtype, device)
+        layers.append(layer)
+    cache.layers = layers
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------
+# one decode session: fixed (batch, prompt length, max_new, sampling mode)
+
+
+def _model_dtype(model) -> torch.dtype:
+    return next(p for p in model.parameters() if p.is_floating_point()).dtype
+
+
+def output_vocab(model) -> int:
+    emb = model.get_output_embeddings()
+    if emb is not None:
+        return emb.weight.shape[0]
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return cfg.vocab_size
+
+
+def shared_prefix_len(emb: torch.Tensor) -> int:
+    """Leading positions where every row's embedding equals row 0's (bitwise), capped so at least
+    one position is left for the per-row pass; 0 for a single row."""
+    if emb.shape[0] < 2:
+        return 0
+    differs = (emb[1:] != emb[:1]).flatten(2).any(dim=2).any(dim=0)
+    first = differs.nonzero()
+    n = int(first[0]) if first.numel() else emb.shape[1]
+    return min(n, emb.shape[1] - 1)
+
+
+def kv_buckets(prompt_len: int, max_new: int, bucket: int) -> list[int]:
+    """Key lengths that get their own graph: multiples of `bucket` covering prompt_len+1 .. max_len."""
+    max_len = prompt_len + max_new
+    if bucket <= 0:
+        return [max_len]
+    first = -(-(prompt_len + 1) // bucket) * bucket
+    out = list(range(first, max_len, bucket)) + [max_len]
+    return sorted(set(min(x, max_len) for x in out))
+
+
+class _Session:
+    def __init__(self, model, *, batch: int, prompt_len: int, max_new: int, temperature: float,
+                 banned: bool, stop_ids: Sequence[int], vocab: int, device, kv_bucket: int):
+        self.model = model
+        self.batch, self.prompt_len, self.max_new = batch, prompt_len, max_new
+        self.max_len = prompt_len + max_new
+        self.temperature, self.has_banned = float(temperature), banned
+        self.vocab = vocab
+        self.device = torch.device(device)
+        self.dtype = _model_dtype(model)
+        dev = self.device
+        self.arange = torch.arange(self.max_len, device=dev)
+        self.pos = torch.zeros((), dtype=torch.long, device=dev)    # position of the token being fed
+        self.step = torch.zeros((), dtype=torch.long, device=dev)   # index of the token being sampled
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.logits = torch.zeros(batch, vocab, dtype=self.dtype, device=dev)
+        self.out = torch.zeros(batch, max_new, dtype=torch.long, device=dev)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=dev)
+        self.seeds = torch.zeros(batch, dtype=torch.int64, device=dev)
+        self.banned = torch.zeros(vocab, dtype=torch.bool, device=dev)
+        self.stop = torch.tensor(list(stop_ids), dtype=torch.long, device=dev) if stop_ids else None
+        self.buckets = kv_buckets(prompt_len, max_new, kv_bucket)
+        self.kv_len = self.max_len
+        self._masks: dict = {}
+        self.broadcast = False   # prefill of a shared prefix at batch 1: write it to every row
+        self.q_offset = 0        # position of the first query of a prefill pass
+        self.prefix_len = 0
+        self.cache = _make_cache(model, self, batch, self.dtype, dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_error: str | None = None
+        self.capture_s = 0.0
+
+    # masks --------------------------------------------------------------------------------
+    def decode_mask(self, window, n: int) -> torch.Tensor:
+        """[1, 1, 1, n] bool: keys at positions <= pos (and > pos - window on sliding layers)."""
+        key = (window if window is not None and window < self.max_len else None, n)
+        m = self._masks.get(key)
+        if m is None:
+            ar = self.arange[:n]
+            m = ar <= self.pos
+            if key[0] is not None:
+                m = m & (ar > self.pos - key[0])
+            m = m.view(1, 1, 1, n)
+            self._masks[key] = m
+        return m
+
+    def prefill_mask(self, q_len: int, window: int | None, offset: int = 0) -> torch.Tensor:
+        """[1, 1, q_len, offset + q_len] bool for queries at offset.. against keys 0.."""
+        d = self.arange[offset: offset + q_len, None] - self.arange[None, : offset + q_len]
+        m = d >= 0
+        if window is not None:
+            m = m & (d < window)
+        return m.view(1, 1, q_len, offset + q_len)
+
+    def bucket_for(self, step: int) -> int:
+        need = self.prompt_len + step + 1
+        return next(b for b in self.buckets if b >= need)
+
+    # the step ------------------------------------------------------------------------------
+    def sample(self) -> None:
+        """Pick token `step` for every row from `logits`; record it; feed it next."""
+        lg = self.logits.float()
+        if self.has_banned:
+            lg = lg.masked_fill(self.banned, float("-inf"))
+        if self.temperature > 0:
+            nxt = torch.argmax(lg / self.temperature + _av.gumbel_noise(self.seeds, self.step, lg.shape[-1]), dim=-1)
+        else:
+            nxt = torch.argmax(lg, dim=-1)
+        if self.stop is not None:
+            nxt = torch.where(self.done, self.stop[0], nxt)
+            # isin may sort and size its output on the host for larger inputs; a broadcast
+            # compare never leaves the device, so it is safe inside a captured graph.
+            self.done |= (nxt[:, None] == self.stop[None, :]).any(dim=1)
+        self.out.index_copy_(1, self.step.view(1), nxt.view(-1, 1))
+        self.tok.copy_(nxt.view(-1, 1))
+
+    def forward(self, kv_len: int) -> None:
+        """Run token `step` through the model at position prompt_len + step; advance `step`."""
+        self.kv_len = kv_len
+        self._masks = {}
+        self.pos.copy_(self.step + self.prompt_len)
+        out = self.model(input_ids=self.tok, position_ids=self.pos.view(1, 1), past_key_values=self.cache,
+                         use_cache=True)
+        self.logits.copy_(out.logits[:, -1])
+        self.step.add_(1)
+
+    def full_step(self, kv_len: int) -> None:
+        self.sample()
+        self.forward(kv_len)
+
+    def prefill(self, emb: torch.Tensor, share_prefix: bool = True) -> None:
+        """Fill the cache with the prompts and `logits` with each row's next-token logits.
+
+        AV prompts are one template with a different vector in one slot, so every position before
+        the slot is the same for all rows, and so is its KV (causal attention): with
+        `share_prefix`, that prefix runs once at batch 1 and is broadcast, and only the rest runs
+        at full batch."""
+        self.kv_len = self.max_len
+        self._masks = {}
+        self.pos.zero_()
+        off = shared_prefix_len(emb) if share_prefix else 0
+        self.prefix_len = off
+        try:
+            if off > 0:
+                self.broadcast, self.q_offset = True, 0
+                self.model(inputs_embeds=emb[:1, :off], position_ids=self.arange[:off].view(1, -1),
+                           past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                self.broadcast = False
+                self.pos.fill_(off)
+            self.q_offset = off
+            out = self.model(inputs_embeds=emb[:, off:], position_ids=self.arange[off: self.prompt_len].view(1, -1),
+                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        finally:
+            self.broadcast, self.q_offset = False, 0
+        self.logits.copy_(out.logits[:, -1])
+        self.step.zero_()
+        self.done.zero_()
+
+    # graphs --------------------------------------------------------------------------------
+    def capture(self) -> None:
+        """One graph per key-length bucket, sharing one memory pool (they never run concurrently).
+        Warm-up runs mutate the state; `prefill` resets all of it before real use."""
+        t0 = time.perf_counter()
+        pool = None
+        current = torch.cuda.current_stream(self.device)
+        stream = torch.cuda.Stream(device=self.device)
+        stream.wait_stream(current)
+        try:
+            for i, kv_len in enumerate(self.buckets):
+                with torch.cuda.stream(stream):
+                    # Keep the warm-up position inside this bucket and inside the output buffer.
+                    at = max(0, min(kv_len - 1 - self.prompt_len, self.max_new - 1))
+                    # The first bucket warms up twice: library handles and workspaces get created
+                    # on the first run, and none of that may happen during capture.
+                    for _ in range(2 if i == 0 else 1):
+                        self.step.fill_(at)
+                        self.full_step(kv_len)
+                    self.step.fill_(at)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool, stream=stream):
+                    self.full_step(kv_len)
+                pool = g.pool()
+                self.graphs[kv_len] = g
+                # Masks made during capture live in the pool; the next capture may reuse it.
+                self._masks = {}
+            current.wait_stream(stream)
+        except Exception as e:  # noqa: BLE001 - a capture failure falls back to the eager step
+            self.graphs = {}
+            if "out of memory" in str(e).lower():
+                raise  # the eager step would need the same memory: let the caller size down
+            self.graph_error = f"{type(e).__name__}: {e}"
+            torch.cuda.synchronize(self.device)
+        self.capture_s = time.perf_counter() - t0
+
+    def run_step(self, step: int) -> None:
+        kv_len = self.bucket_for(step)
+        g = self.graphs.get(kv_len)
+        if g is not None:
+            g.replay()
+        else:
+            self.full_step(kv_len)
+
+
+class FastDecoder:
+    """Decode batches of same-length prompt embeddings on one model. Keeps the last session
+    (cache + graphs) and reuses it while (batch, prompt length, max_new, sampling mode) repeat."""
+
+    def __init__(self, model, *, stop_ids: Sequence[int] = (), graphs: bool | None = None,
+                 kv_bucket: int = 64, check_every: int = 8, share_prefix: bool = True):
+        if check_every < 1:
+            raise ValueError("check_every must be >= 1")
+        self.model = model
+        self.stop_ids = [int(i) for i in stop_ids]
+        self.vocab = output_vocab(model)
+        self.device = next(model.parameters()).device
+        self.graphs = (self.device.type == "cuda") if graphs is None else bool(graphs)
+        if self.graphs and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.kv_bucket = kv_bucket
+        self.check_every = check_every
+        self.share_prefix = share_prefix
+        self.session: _Session | None = None
+        self.last: dict = {}
+
+    def release(self) -> None:
+        """Drop the cache and graphs (their memory goes back to the allocator)."""
+        self.session = None
+
+    def _session(self, batch, prompt_len, max_new, temperature, banned) -> _Session:
+        key = (batch, prompt_len, max_new, float(temperature), bool(banned))
+        s = self.session
+        if s is not None and (s.batch, s.prompt_len, s.max_new, s.temperature, s.has_banned) == key:
+            return s
+        self.session = None  # free the old buffers before allocating new ones
+        s = _Session(self.model, batch=batch, prompt_len=prompt_len, max_new=max_new, temperature=temperature,
+                     banned=banned, stop_ids=self.stop_ids, vocab=self.vocab, device=self.device,
+                     kv_bucket=self.kv_bucket)
+        if self.graphs:
+            with _switched(self.model, s):
+                s.capture()
+        self.session = s
+        return s
+
+    @torch.no_grad()
+    def generate(self, emb: torch.Tensor, *, temperature: float = 0.0, seeds: Sequence[int] | None = None,
+                 banned_ids: Sequence[int] | None = None, max_new: int,
+                 on_check: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+                 timing: bool = False) -> torch.Tensor:
+        """[B, T, d] prompt embeddings -> [B, n_steps] token ids (device tensor).
+
+        `on_check(tokens[B, s+1], done[B])` runs at every check point and may return extra rows
+        to mark done. With no stop ids and no `on_check` the decode is fixed-length (benchmarks).
+        With `timing`, `self.last` gets prefill / decode seconds (device-synchronised)."""
+        if emb.ndim != 3:
+            raise ValueError(f"prompt embeddings must be [batch, length, d], got {tuple(emb.shape)}")
+        if max_new < 1:
+            raise ValueError("max_new must be >= 1")
+        batch, prompt_len = emb.shape[:2]
+        if temperature > 0 and (seeds is None or len(seeds) != batch):
+            raise ValueError("sampling (temperature > 0) needs one seed per row; see av.sample_seed")
+        sess = self._session(batch, prompt_len, max_new, temperature, bool(banned_ids))
+        if temperature > 0:
+            sess.seeds.copy_(torch.tensor([int(s) for s in seeds], dtype=torch.int64))
+        if banned_ids:
+            sess.banned.zero_()
+            sess.banned[torch.tensor([int(i) for i in banned_ids], dtype=torch.long, device=sess.device)] = True
+        checking = sess.stop is not None or on_check is not None
+        clock = _Clock(sess.device) if timing else None
+        with _switched(self.model, sess):
+            if clock:
+                clock.mark("start")
+            sess.prefill(emb.to(sess.dtype), share_prefix=self.share_prefix)
+            if clock:
+                clock.mark("prefill")
+            n_steps = max_new
+            for s in range(max_new):
+                if s == max_new - 1:
+                    sess.sample()  # the last token needs no forward pass
+                else:
+                    sess.run_step(s)
+                if checking and (s % self.check_every == self.check_every - 1 or s == max_new - 1):
+                    if on_check is not None:
+                        extra = on_check(sess.out[:, : s + 1], sess.done)
+                        if extra is not None:
+                            sess.done |= extra.to(device=sess.device, dtype=torch.bool)
+                    if bool(sess.done.all()):
+                        n_steps = s + 1
+                        break
+            if clock:
+                clock.mark("decode")
+        toks = sess.out[:, :n_steps].clone()  # the buffer is overwritten by the next call
+        self.last = {"n_steps": n_steps, "graphs": bool(sess.graphs), "graph_error": sess.graph_error,
+                     "shared_prefix": sess.prefix_len,
+                     "capture_s": sess.capture_s, "buckets": list(sess.buckets)}
+        if clock:
+            self.last.update(clock.seconds())
+        return toks
+
+
+class _Clock:
+    """Named marks; CUDA events on a GPU (no sync until read), perf_counter on a CPU."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.marks: list = []
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append((name, e))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def seconds(self) -> dict:
+        if self.cuda:
+            self.marks[-1][1].synchronize()
+        out = {}
+        for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
+            out[f"{name}_s"] = (a.elapsed_time(b) / 1e3) if self.cuda else (b - a)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the AVEngine entry point
+
+
+def decoder_for(engine) -> FastDecoder:
+    """The engine's FastDecoder, created on first use and kept on the engine."""
+    dec = getattr(engine, "_fast_decoder", None)
+    if dec is None or dec.model is not engine.model or dec.stop_ids != [int(i) for i in engine.stop_ids]:
+        dec = FastDecoder(engine.model, stop_ids=engine.stop_ids)
+        engine._fast_decoder = dec
+    return dec
+
+
+def fast_generate(engine, emb: torch.Tensor, temperature: float, seeds: Sequence[int] | None,
+                  banned_ids: Sequence[int] | None, max_new: int) -> list[list[int]]:
+    """Drop-in for `AVEngine._generate_loop`: same arguments after `self`, same token rows."""
+    from . import templates as T
+
+    tok = engine.tok
+
+    def closed_tag(toks: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        # The loop decodes every row every 8 steps; rows already done stay done either way.
+        rows, finished = toks.tolist(), done.tolist()
+        return torch.tensor([(not f) and T.CLOSE_TAG in tok.decode(r, skip_special_tokens=True)
+                             for r, f in zip(rows, finished)], dtype=torch.bool)
+
+    dec = decoder_for(engine)
+    toks = dec.generate(emb, temperature=temperature, seeds=seeds, banned_ids=banned_ids, max_new=max_new,
+                        on_check=closed_tag)
+    return [engine._trim_after_close(r) for r in toks.tolist()]

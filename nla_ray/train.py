@@ -1,0 +1,284 @@
+"""Training the mini NLA pairs: LoRA adapters + a value head on the packaged base models.
+
+Phases (each resumable from its saved output):
+  collect — full-model forward over the TRAIN slice of the packaged corpus: raw block-K vectors at
+            stage-0 positions, the base model's top-3 next tokens there, and the prefix text;
+            `targets.make_target` turns those into explanation targets;
+  ar      — AR = first K+1 blocks (+LoRA) + value head (identity init), direction-only MSE at
+            mse_scale = sqrt(d) (= 2(1-cos)) between head(last-token residual) and the gold vector;
+  av      — AV = base model (+LoRA), supervised: the vector is injected at injection_scale into the
+            prompt slot and the model learns to write `<explanation>\\n{target}\\n</explanation>`;
+  eval    — on the HELD-OUT slice, greedy: FVE (own-set Var), NMSE, cos, tag failures, a
+            shuffled-pair null, and the AR alone on gold targets (its ceiling).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import metrics, templates as T
+from .ar import AREngine, ValueHead
+from .av import AVEngine
+from .extract import sample_positions
+from .models import backbone_from_model, decoder_of, text_config
+from .targets import make_target
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TrainConfig:
+    family: str = "smollm2-L20"
+    n_train_docs: int = 2000
+    positions_per_doc: int = 16
+    n_eval_docs: int = 200
+    eval_positions_per_doc: int = 5
+    seed: int = 42
+    max_length: int = 1024
+    lora_r: int = 8
+    lora_alpha: int = 16
+    ar_epochs: float = 2.0
+    av_epochs: float = 2.0
+    ar_lr: float = 5e-4
+    head_lr: float = 1e-3
+    av_lr: float = 1e-3
+    ar_batch: int = 64
+    av_batch: int = 32
+    warmup_steps: int = 30
+    max_target_tokens: int = 128
+    eval_max_new_tokens: int = 144
+    log_every: int = 25
+    extra: dict = field(default_factory=dict)
+
+
+def _cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+def torch_nmse(pred: torch.Tensor, gold: torch.Tensor, scale: float) -> torch.Tensor:
+    p = pred.float() * (scale / pred.float().norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    g = gold.float() * (scale / gold.float().norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    return ((p - g) ** 2).mean(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# collect
+
+
+@torch.no_grad()
+def collect(model, tok, docs, layer: int, *, positions_per_doc: int, seed: int, max_length: int,
+            batch_docs: int = 8, log=print) -> list[dict]:
+    """Full-model forward: raw hidden_states[K+1] + top-3 next tokens at stage-0 positions."""
+    dev = next(model.parameters()).device
+    special = set(tok.all_special_ids)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    out, t0 = [], time.time()
+    for b in range(0, len(docs), batch_docs):
+        chunk = []
+        for d in docs[b:b + batch_docs]:
+            ids = tok(d.text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+            pos = sample_positions(ids, special, d.doc_id, seed, positions_per_doc)
+            if pos:
+                chunk.append((d, ids, pos))
+        if not chunk:
+            continue
+        width = max(len(c[1]) for c in chunk)
+        ids_t = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids_t)
+        for i, (_, ids, _) in enumerate(chunk):
+            ids_t[i, :len(ids)] = torch.tensor(ids)
+            mask[i, :len(ids)] = 1
+        res = model(input_ids=ids_t.to(dev), attention_mask=mask.to(dev), output_hidden_states=True)
+        hs = res.hidden_states[layer + 1]
+        for i, (d, ids, pos) in enumerate(chunk):
+            p_t = torch.tensor(pos, device=dev)
+            top = res.logits[i, p_t].float().topk(3, dim=-1).indices.tolist()
+            vecs = hs[i, p_t].float().cpu().numpy()
+            for j, p in enumerate(pos):
+                token = tok.decode([ids[p]])
+                prefix = tok.decode(ids[:p + 1], skip_special_tokens=True)
+                out.append({"doc_id": d.doc_id, "position": p, "topic": (d.meta or {}).get("topic", ""),
+                            "token": token, "prefix_text": prefix,
+                            "top_next": [tok.decode([t]) for t in top[j]], "vector": vecs[j]})
+        if (b // batch_docs) % 25 == 0:
+            log(f"[collect] {min(b + batch_docs, len(docs))}/{len(docs)} docs, {len(out)} rows, {time.time() - t0:.0f}s")
+    for r in out:
+        r["target"] = make_target(topic=r["topic"], prefix_text=r["prefix_text"], token=r["token"],
+                                  top_next=r["top_next"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# AR
+
+
+def train_ar(model, tok, meta_ar, rows: list[dict], cfg: TrainConfig, log=print):
+    """LoRA on blocks 0..K of `model` (in place, via PEFT) + a value head. Returns (peft_model, head, curve)."""
+    from peft import LoraConfig, get_peft_model
+
+    K = meta_ar.layer
+    dev = next(model.parameters()).device
+    peft = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                            target_modules=LORA_TARGETS, layers_to_transform=list(range(K + 1))))
+    bb = backbone_from_model(peft.base_model.model, K + 1)
+    head = ValueHead(meta_ar.d_model).to(dev)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(meta_ar.d_model, device=dev))
+    engine = AREngine(bb, head, tok, meta_ar)
+    params = [p for p in peft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": params, "lr": cfg.ar_lr}, {"params": engine.head.parameters(),
+                             "lr": cfg.head_lr}], weight_decay=0.0)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    rng = np.random.default_rng(cfg.seed)
+    n = len(rows)
+    steps = int(cfg.ar_epochs * n / cfg.ar_batch)
+    curve, t0 = [], time.time()
+    gold_all = np.stack([r["vector"] for r in rows]).astype(np.float32)
+    order = np.concatenate([rng.permutation(n) for _ in range(int(math.ceil(cfg.ar_epochs)) + 1)])
+    peft.train()
+    for step in range(steps):
+        idx = order[step * cfg.ar_batch:(step + 1) * cfg.ar_batch]
+        ids, mask, last = engine.encode([rows[i]["target"] for i in idx])
+        h = bb(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
+        h_last = h[torch.arange(h.shape[0], device=dev), last.to(dev)].float()
+        loss = torch_nmse(engine.head(h_last), torch.from_numpy(gold_all[idx]).to(dev), meta_ar.mse_scale).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params + list(engine.head.parameters()), 1.0)
+        f = _cosine_lr(step, steps, cfg.warmup_steps)
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * f
+        opt.step()
+        if step % cfg.log_every == 0 or step == steps - 1:
+            curve.append({"step": step, "loss_nmse": float(loss), "s": round(time.time() - t0, 1)})
+            log(f"[ar] step {step}/{steps} nmse {float(loss):.4f} ({time.time() - t0:.0f}s)")
+    peft.eval()
+    return peft, engine.head, curve
+
+
+# ---------------------------------------------------------------------------------------------
+# AV
+
+
+def end_of_turn_id(tok) -> int:
+    for t in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>"):
+        tid = tok.convert_tokens_to_ids(t)
+        if isinstance(tid, int) and tid >= 0 and tid != tok.unk_token_id:
+            return tid
+    return int(tok.eos_token_id)
+
+
+def _chunked_ce(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """CE over label positions only, chunked: a 262k-word LM head over every position would not fit."""
+    head = model.get_output_embeddings()
+    cap = getattr(text_config(model.config), "final_logit_softcapping", None)
+    total, count = hidden.new_zeros((), dtype=torch.float32), 0
+    for i in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[i:i + chunk]).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        total = total + F.cross_entropy(logits, labels[i:i + chunk], reduction="sum")
+        count += labels[i:i + chunk].numel()
+    return total / max(count, 1)
+
+
+def train_av(model, tok, meta_av, rows: list[dict], cfg: TrainConfig, log=print):
+    from peft import LoraConfig, get_peft_model
+
+    dev = next(model.parameters()).device
+    peft = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                            target_modules=LORA_TARGETS))
+    inner = peft.base_model.model
+    engine = AVEngine(inner, tok, meta_av)
+    eot = end_of_turn_id(tok)
+    tgt_ids = []
+    for r in rows:
+        ids = tok(T.explanation_target(r["target"]), add_special_tokens=False)["input_ids"][:cfg.max_target_tokens]
+        tgt_ids.append(ids + [eot])
+    params = [p for p in peft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.av_lr, weight_decay=0.0)
+    rng = np.random.default_rng(cfg.seed + 1)
+    n = len(rows)
+    steps = int(cfg.av_epochs * n / cfg.av_batch)
+    order = np.concatenate([rng.permutation(n) for _ in range(int(math.ceil(cfg.av_epochs)) + 1)])
+    gold_all = np.stack([r["vector"] for r in rows]).astype(np.float32)
+    P = len(engine.prompt_ids)
+    dec = decoder_of(inner)
+    curve, t0 = [], time.time()
+    peft.train()
+    for step in range(steps):
+        idx = order[step * cfg.av_batch:(step + 1) * cfg.av_batch]
+        L = max(len(tgt_ids[i]) for i in idx)
+        tgt = torch.full((len(idx), L), eot, dtype=torch.long)
+        lab = torch.full((len(idx), L), -100, dtype=torch.long)
+        for j, i in enumerate(idx):
+            tgt[j, :len(tgt_ids[i])] = torch.tensor(tgt_ids[i])
+            lab[j, :len(tgt_ids[i])] = torch.tensor(tgt_ids[i])
+        tgt, lab = tgt.to(dev), lab.to(dev)
+        prompt = engine.prompt_embeds(torch.from_numpy(gold_all[idx]).to(dev))
+        with torch.no_grad():
+            temb = engine.embed(tgt)
+        # Position P-1+t predicts target token t; right-padding at the end never affects earlier tokens.
+        x = torch.cat([prompt, temb[:, :-1]], dim=1)
+        h = dec(inputs_embeds=x).last_hidden_state[:, P - 1:]
+        keep = lab.reshape(-1) != -100
+        loss = _chunked_ce(inner, h.reshape(-1, h.shape[-1])[keep], lab.reshape(-1)[keep])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for g in opt.param_groups:
+            g["lr"] = cfg.av_lr * _cosine_lr(step, steps, cfg.warmup_steps)
+        opt.step()
+        if step % cfg.log_every == 0 or step == steps - 1:
+            curve.append({"step": step, "loss_ce": float(loss), "s": round(time.time() - t0, 1)})
+            log(f"[av] step {step}/{steps} ce {float(loss):.4f} ({time.time() - t0:.0f}s)")
+    peft.eval()
+    return peft, curve
+
+
+# ---------------------------------------------------------------------------------------------
+# eval
+
+
+@torch.no_grad()
+def evaluate(av: AVEngine, ar: AREngine, rows: list[dict], *, batch: int = 64, max_new_tokens: int = 112,
+             seed: int = 0, log=print) -> dict:
+    gold = np.stack([r["vector"] for r in rows]).astype(np.float32)
+    docs = np.asarray([r["doc_id"] for r in rows])
+    expl, status = [], []
+    t0 = time.time()
+    for i in range(0, len(rows), batch):
+        for s in av.generate(gold[i:i + batch], temperature=0.0, max_new_tokens=max_new_tokens):
+            expl.append(s.explanation if s.explanation is not None else s.text)
+            status.append(s.status)
+        log(f"[eval] generated {len(expl)}/{len(rows)} ({time.time() - t0:.0f}s)")
+    rec = ar.reconstruct(expl, batch_size=batch)
+    rec_gold_targets = ar.reconstruct([r["target"] for r in rows], batch_size=batch)
+    scale = ar.meta.mse_scale
+    var = metrics.variance_baseline(gold, scale)
+    nm = metrics.nmse(rec, gold, scale)
+    lo, hi, _ = metrics.fve_ci(nm, docs, var, n_boot=500, seed=seed)
+    nm_t = metrics.nmse(rec_gold_targets, gold, scale)
+    return {
+        "n": len(rows), "n_docs": int(len(set(docs.tolist()))), "var_own": float(var),
+        "fve_own": float(1 - nm.mean() / var), "fve_own_ci95": [float(lo), float(hi)],
+        "nmse": float(nm.mean()), "cos": float(metrics.cosine(rec, gold).mean()),
+        "tag_failure_rate": float(np.mean([s != "ok" for s in status])),
+        "shuffled_null_fve": float(metrics.shuffled_null(rec, gold, scale, var, seed=seed, clusters=docs)),
+        "ar_on_gold_targets_fve": float(1 - nm_t.mean() / var),
+        "examples": [{"context_tail": rows[i]["prefix_text"][-160:], "explanation": expl[i],
+                      "target": rows[i]["target"], "nmse": float(nm[i])} for i in range(min(12, len(rows)))],
+    }
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,206 @@
+"""nla_ray.fast_decode against AVEngine._generate_loop, token for token, on tiny random models.
+
+Two architectures share the packaged SmolLM2 tokenizer (no downloads): a Llama decoder and a
+Gemma-3 text decoder whose sliding window (8) is shorter than the AV prompt, so the windowed mask
+of the static cache is exercised in prefill and in decode. Reference rows always come from the
+engine's own loop; the fast path is driven the way AVEngine will call it (`fast_generate`).
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+
+from nla_ray import pairs
+from nla_ray import templates as T
+from nla_ray.av import AVEngine
+from nla_ray.fast_decode import FastDecoder, decoder_for, fast_generate, kv_buckets, shared_prefix_len
+
+D = 64
+LAYER = 2
+MAX_NEW = 21  # not a multiple of the 8-step check cadence, so the tail step is covered
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matmuls on a shared machine: more threads only add contention (seen: 50x slower).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    from nla_ray import sources
+
+    try:
+        path = sources.resolve("pkg:smollm2-135m").path
+    except sources.ModelSourceError as e:
+        pytest.skip(f"packaged SmolLM2 tokenizer unavailable: {e}")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _llama(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(7)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=D, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=1024,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _gemma(tok):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(11)
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=D, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                           sliding_window=8, layer_types=["sliding_attention", "full_attention",
+                                                          "sliding_attention", "full_attention"],
+                           max_position_embeddings=1024, eos_token_id=tok.eos_token_id,
+                           bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def engine(request, tok):
+    model = _llama(tok) if request.param == "llama" else _gemma(tok)
+    av_meta, _ = pairs.build_metas(tok, D, LAYER, None)
+    return AVEngine(model, tok, av_meta, max_new_tokens=MAX_NEW)
+
+
+def _emb(engine, n, seed):
+    vec = torch.randn(n, D, generator=torch.Generator().manual_seed(seed))
+    return engine.prompt_embeds(vec)
+
+
+def _both(engine, emb, temperature=0.0, seeds=None, banned=None, max_new=MAX_NEW, bucket=None, share=True):
+    with torch.no_grad():
+        ref = engine._generate_loop(emb, temperature, seeds, banned, max_new)
+    if bucket is not None or not share:
+        engine._fast_decoder = FastDecoder(engine.model, stop_ids=engine.stop_ids, kv_bucket=bucket or 64,
+                                           share_prefix=share)
+    got = fast_generate(engine, emb, temperature, seeds, banned, max_new)
+    if not share:
+        engine._fast_decoder = None
+    return ref, got
+
+
+def test_kv_buckets_cover_every_step():
+    for t, n, b in [(97, 21, 8), (5, 3, 64), (64, 64, 64), (10, 1, 4), (33, 40, 0)]:
+        bs = kv_buckets(t, n, b)
+        assert bs == sorted(set(bs)) and bs[-1] == t + n and bs[0] >= t + 1
+        for step in range(n):
+            assert any(x >= t + step + 1 for x in bs)
+
+
+@pytest.mark.parametrize("bucket,share", [(64, True), (8, True), (8, False)])
+def test_greedy_matches_loop(engine, bucket, share):
+    emb = _emb(engine, 3, seed=1)
+    ref, got = _both(engine, emb, bucket=bucket, share=share)
+    assert got == ref
+    assert len(got[0]) == MAX_NEW  # random weights: no stop, no closed tag
+
+
+def test_shared_prefix_is_the_slot(engine):
+    emb = _emb(engine, 3, seed=12)
+    assert shared_prefix_len(emb) == engine.slot  # rows differ first at the injected vector
+    assert shared_prefix_len(emb[:1]) == 0
+    assert shared_prefix_len(emb[[0, 0]]) == emb.shape[1] - 1  # identical rows: one position left
+    dec = decoder_for(engine)
+    fast_generate(engine, emb, 0.0, None, None, 4)
+    assert dec.last["shared_prefix"] == engine.slot
+
+
+def test_seeded_sampling_matches_loop_and_is_batch_independent(engine):
+    emb = _emb(engine, 4, seed=2)
+    seeds = [11, 2**40 + 3, 5, 2**62 + 9]
+    ref, got = _both(engine, emb, temperature=1.0, seeds=seeds)
+    assert got == ref
+    assert _both(engine, emb, temperature=1.0, seeds=seeds, share=False)[1] == ref
+    greedy = fast_generate(engine, emb, 0.0, None, None, MAX_NEW)
+    assert got != greedy  # the noise is really applied
+    perm = [2, 0, 3, 1]
+    shuffled = fast_generate(engine, emb[perm], 1.0, [seeds[i] for i in perm], None, MAX_NEW)
+    assert shuffled == [got[i] for i in perm]
+
+
+def test_banned_ids_match_loop(engine):
+    emb = _emb(engine, 3, seed=3)
+    free = fast_generate(engine, emb, 0.0, None, None, MAX_NEW)
+    banned = sorted({t for row in free for t in row[:6]})
+    ref, got = _both(engine, emb, banned=banned)
+    assert got == ref
+    assert not any(t in banned for row in got for t in row)
+
+
+def test_stop_tokens_and_early_exit_match_loop(engine):
+    emb = _emb(engine, 3, seed=4)
+    free = fast_generate(engine, emb, 0.0, None, None, MAX_NEW)
+    saved = engine.stop_ids
+    try:
+        # Make tokens the random model really emits act as stop ids: rows end at different steps.
+        engine.stop_ids = sorted({free[0][3], free[1][9], free[2][5]})
+        ref, got = _both(engine, emb)
+        assert got == ref
+        assert all(row[-1] in engine.stop_ids for row in got)
+        assert decoder_for(engine).last["n_steps"] < MAX_NEW  # stopped early, on a check point
+        assert decoder_for(engine).last["n_steps"] % 8 == 0
+    finally:
+        engine.stop_ids = saved
+
+
+def test_closed_tag_matches_loop(engine, monkeypatch):
+    emb = _emb(engine, 3, seed=5)
+    free = fast_generate(engine, emb, 0.0, None, None, MAX_NEW)
+    # A "close tag" that row 1 writes at steps 4-5: both backends must cut it at the same place.
+    tag = engine.tok.decode(free[1][4:6], skip_special_tokens=True)
+    assert tag.strip()
+    monkeypatch.setattr(T, "CLOSE_TAG", tag)
+    ref, got = _both(engine, emb)
+    assert got == ref
+    assert len(got[1]) < MAX_NEW
+
+
+def test_fixed_length_and_timing_without_stops(engine):
+    dec = FastDecoder(engine.model, stop_ids=(), kv_bucket=16)
+    emb = _emb(engine, 2, seed=6)
+    toks = dec.generate(emb, max_new=MAX_NEW, timing=True)
+    assert toks.shape == (2, MAX_NEW)
+    assert dec.last["n_steps"] == MAX_NEW and dec.last["graphs"] is False
+    assert dec.last["prefill_s"] > 0 and dec.last["decode_s"] > 0
+    # The session is reused for the same shape; a new shape gets a new one.
+    s = dec.session
+    dec.generate(emb, max_new=MAX_NEW)
+    assert dec.session is s
+    dec.generate(emb[:1], max_new=MAX_NEW)
+    assert dec.session is not s
+
+
+def test_attention_switch_is_undone(engine):
+    before = engine.model.config._attn_implementation
+    fast_generate(engine, _emb(engine, 1, seed=8), 0.0, None, None, 4)
+    assert engine.model.config._attn_implementation == before
+    with torch.no_grad():
+        engine.model(inputs_embeds=_emb(engine, 1, seed=9))  # plain forward still works
+
+
+def test_sampling_needs_seeds(engine):
+    with pytest.raises(ValueError, match="seed"):
+        fast_generate(engine, _emb(engine, 2, seed=10), 1.0, None, None, 4)
+
+
+def test_engine_generate_through_fast_path(engine, monkeypatch):
+    # What AVEngine(backend="fast") will do: the loop's call site handing the same arguments here.
+    vec = torch.randn(3, D, generator=torch.Generator().manual_seed(13))
+    ref = engine.generate(vec, temperature=1.0, seeds=[1, 2, 3])
+    monkeypatch.setattr(engine, "_generate_loop", lambda *a: fast_generate(engine, *a))
+    got = engine.generate(vec, temperature=1.0, seeds=[1, 2, 3])
+    assert got == ref
