@@ -45,14 +45,19 @@ def _run(gpus: int, a, work: Path) -> dict:
     if r.returncode != 0:
         raise SystemExit(f"run with {gpus} GPU(s) failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
     s = json.loads((out / "summary.json").read_text())
-    st = s["timeline"]["stages"]
-    start = min(v["start"] for v in st.values())
-    end = max(v["end"] for v in st.values())
-    rows = s["headline"]["n"] * max(1, a.samples)
-    return {"gpus": gpus, "rows_scored": rows, "activations": s["headline"]["n"], "wall_s": round(wall, 1),
-            "steady_window_s": round(end - start, 2), "rows_per_s_steady": rows / (end - start),
-            "rows_per_s_wall": rows / wall, "timeline": s["timeline"], "fve_own": s["headline"]["fve_own"]["value"],
-            "cmd": " ".join(cmd)}
+    return _derive({"gpus": gpus, "wall_s": round(wall, 1), "timeline": s["timeline"],
+                    "rows_scored": s["headline"]["n"], "fve_own": s["headline"]["fve_own"]["value"],
+                    "cmd": " ".join(cmd)}, a.samples)
+
+
+def _derive(run: dict, samples: int) -> dict:
+    """Rates from a run's stored timeline. `rows_scored` counts (activation x sample) rows."""
+    st = run["timeline"]["stages"]
+    window = max(v["end"] for v in st.values()) - min(v["start"] for v in st.values())
+    rows = run["rows_scored"]
+    run.update(activations=rows // max(1, samples), steady_window_s=round(window, 2),
+               rows_per_s_steady=rows / window, rows_per_s_wall=rows / run["wall_s"])
+    return run
 
 
 def _figure(runs: list[dict], path: Path) -> None:
@@ -90,13 +95,29 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--work", default="/tmp/nla_scaling", help="where the two runs write their rows")
     p.add_argument("--out", required=True)
+    p.add_argument("--recompute", help="an earlier summary.json: re-derive rates/table/figure from its timelines")
     a = p.parse_args(argv)
     work, out = Path(a.work), Path(a.out)
-    runs = [_run(1, a, work), _run(a.gpus, a, work)]
+    if a.recompute:
+        # Re-derive every rate from the stored per-run timelines of an earlier summary.json.
+        prev = json.loads(Path(a.recompute).read_text())
+        runs = []
+        for r in prev["runs"]:
+            if prev.get("format") != 2:
+                # The first version stored rows_scored = scored rows x samples (samples counted twice);
+                # its `activations` field held the true scored-row count.
+                r["rows_scored"] = r["activations"]
+            runs.append(_derive(r, a.samples))
+        prov_prev = prev.get("provenance")
+    else:
+        runs = [_run(1, a, work), _run(a.gpus, a, work)]
+        prov_prev = None
     ratio = runs[1]["rows_per_s_steady"] / runs[0]["rows_per_s_steady"]
-    summary = {"job": "pipeline_scaling", "runs": runs, "gpus": a.gpus,
+    summary = {"job": "pipeline_scaling", "format": 2, "runs": runs, "gpus": a.gpus,
                "throughput_ratio_steady": ratio, "throughput_ratio_wall": runs[1]["rows_per_s_wall"] / runs[0]["rows_per_s_wall"],
                "same_fve": runs[0]["fve_own"] == runs[1]["fve_own"], "args": vars(a), "provenance": provenance(a.preset)}
+    if prov_prev:
+        summary["measured_provenance"] = prov_prev  # where the timelines were measured (GPU machine)
     write_json(out / "summary.json", summary)
     _figure(runs, out / "timeline.png")
     lines = ["| GPUs | rows scored | steady window s | rows/s steady | wall s | rows/s wall | FVE own |", "|---|---|---|---|---|---|---|"]

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import templates as T
+from .batching import right_pad
 from .models import text_config
 from .sidecar import NlaMeta
 
@@ -74,12 +75,7 @@ class AREngine:
                 tail = len(self.suffix) + 1
                 ids = ids[:self.max_length - tail] + ids[-tail:]
             rows.append(ids)
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):  # right padding: real tokens first
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        ids, mask = right_pad(rows, self.pad_id)
         last = mask.sum(1) - 1
         return ids, mask, last
 
@@ -88,7 +84,7 @@ class AREngine:
         """Block-K residual at the last real token, fp32 [B, d]."""
         ids, mask, last = self.encode(explanations)
         dev = self.device
-        out = self.backbone(input_ids=ids.to(dev), attention_mask=mask.to(dev))
+        out = self.backbone(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
         h = out.last_hidden_state
         return h[torch.arange(h.shape[0], device=dev), last.to(dev)].float()
 

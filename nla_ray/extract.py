@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from .batching import right_pad
 from .models import backbone_from_model
 
 MIN_POSITION = 50
@@ -70,14 +71,9 @@ class Extractor:
     @torch.no_grad()
     def hidden(self, ids_list: list[list[int]]) -> list[dict[int, torch.Tensor]]:
         """Per document, {layer: [T, d] fp32} of raw block outputs."""
-        width = max(len(x) for x in ids_list)
-        ids = torch.full((len(ids_list), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(ids_list):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        ids, mask = right_pad(ids_list, self.pad_id)
         out = self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                            output_hidden_states=True)
+                            output_hidden_states=True, use_cache=False)
         hs = out.hidden_states
         return [{L: hs[L + 1][i, : len(r)].float() for L in self.layers} for i, r in enumerate(ids_list)]
 

@@ -82,8 +82,14 @@ def token_role(token: str) -> str:
     return "sits mid-sentence"
 
 
+# Everything str.splitlines() breaks on: a raw one inside a quote would add a line to the target.
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
 def _q(s: str) -> str:
-    s = s.replace("\n", "\\n").replace('"', "'")
+    for ch in _LINE_BREAKS:
+        s = s.replace(ch, repr(ch)[1:-1])
+    s = s.replace('"', "'")
     return f'"{s}"'
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from . import metrics, templates as T
 from .ar import AREngine, ValueHead
 from .av import AVEngine
+from .batching import right_pad
 from .extract import sample_positions
 from .models import backbone_from_model, decoder_of, text_config
 from .targets import make_target
@@ -91,14 +92,19 @@ def collect(model, tok, docs, layer: int, *, positions_per_doc: int, seed: int, 
                 chunk.append((d, ids, pos))
         if not chunk:
             continue
-        width = max(len(c[1]) for c in chunk)
-        ids_t = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids_t)
-        for i, (_, ids, _) in enumerate(chunk):
-            ids_t[i, :len(ids)] = torch.tensor(ids)
-            mask[i, :len(ids)] = 1
-        res = model(input_ids=ids_t.to(dev), attention_mask=mask.to(dev), output_hidden_states=True)
-        hs = res.hidden_states[layer + 1]
+        ids_t, mask = right_pad([c[1] for c in chunk], pad)
+        # Block K's output via a hook: HF's hidden_states[-1] is final-normed when K is the last block.
+        captured = {}
+
+        def grab(_m, _i, out):
+            captured["h"] = out[0] if isinstance(out, tuple) else out
+
+        handle = decoder_of(model).layers[layer].register_forward_hook(grab)
+        try:
+            res = model(input_ids=ids_t.to(dev), attention_mask=mask.to(dev), use_cache=False)
+        finally:
+            handle.remove()
+        hs = captured["h"]
         for i, (d, ids, pos) in enumerate(chunk):
             p_t = torch.tensor(pos, device=dev)
             top = res.logits[i, p_t].float().topk(3, dim=-1).indices.tolist()
@@ -148,7 +154,7 @@ def train_ar(model, tok, meta_ar, rows: list[dict], cfg: TrainConfig, log=print)
     for step in range(steps):
         idx = order[step * cfg.ar_batch:(step + 1) * cfg.ar_batch]
         ids, mask, last = engine.encode([rows[i]["target"] for i in idx])
-        h = bb(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
+        h = bb(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).last_hidden_state
         h_last = h[torch.arange(h.shape[0], device=dev), last.to(dev)].float()
         loss = torch_nmse(engine.head(h_last), torch.from_numpy(gold_all[idx]).to(dev), meta_ar.mse_scale).mean()
         opt.zero_grad(set_to_none=True)
@@ -159,7 +165,7 @@ def train_ar(model, tok, meta_ar, rows: list[dict], cfg: TrainConfig, log=print)
             g["lr"] = lr * f
         opt.step()
         if step % cfg.log_every == 0 or step == steps - 1:
-            curve.append({"step": step, "loss_nmse": float(loss), "s": round(time.time() - t0, 1)})
+            curve.append({"step": step, "loss_nmse": float(loss.detach()), "s": round(time.time() - t0, 1)})
             log(f"[ar] step {step}/{steps} nmse {float(loss):.4f} ({time.time() - t0:.0f}s)")
     peft.eval()
     return peft, engine.head, curve
@@ -229,7 +235,7 @@ def train_av(model, tok, meta_av, rows: list[dict], cfg: TrainConfig, log=print)
             temb = engine.embed(tgt)
         # Position P-1+t predicts target token t; right-padding at the end never affects earlier tokens.
         x = torch.cat([prompt, temb[:, :-1]], dim=1)
-        h = dec(inputs_embeds=x).last_hidden_state[:, P - 1:]
+        h = dec(inputs_embeds=x, use_cache=False).last_hidden_state[:, P - 1:]
         keep = lab.reshape(-1) != -100
         loss = _chunked_ce(inner, h.reshape(-1, h.shape[-1])[keep], lab.reshape(-1)[keep])
         opt.zero_grad(set_to_none=True)
@@ -239,7 +245,7 @@ def train_av(model, tok, meta_av, rows: list[dict], cfg: TrainConfig, log=print)
             g["lr"] = cfg.av_lr * _cosine_lr(step, steps, cfg.warmup_steps)
         opt.step()
         if step % cfg.log_every == 0 or step == steps - 1:
-            curve.append({"step": step, "loss_ce": float(loss), "s": round(time.time() - t0, 1)})
+            curve.append({"step": step, "loss_ce": float(loss.detach()), "s": round(time.time() - t0, 1)})
             log(f"[av] step {step}/{steps} ce {float(loss):.4f} ({time.time() - t0:.0f}s)")
     peft.eval()
     return peft, curve
