@@ -24,13 +24,8 @@ LAYER = 2
 MAX_NEW = 21  # not a multiple of the 8-step check cadence, so the tail step is covered
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared machine: more threads only add contention (seen: 50x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny matmuls on a shared 2-core machine: more threads only add contention.
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 @pytest.fixture(scope="module")
