@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -18,7 +19,8 @@ def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True,
                              text=True, timeout=10).stdout.strip()
-        if not sha:
+        if not re.fullmatch(r"[0-9a-f]{40}", sha):
+            # No repository here (a copied working tree prints 'HEAD' or nothing): ask the submitter.
             return os.environ.get("NLA_RAY_GIT_COMMIT", "unknown")
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
