@@ -72,7 +72,11 @@ def main(argv=None) -> int:
     p.add_argument("--pair-out", help="where the trained pair goes (default nla_ray/pairs/<family>)")
     p.add_argument("--results", help="summary/figures (default results/train_mini_nla/<family>)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--phases", default="collect,ar,av,eval")
+    p.add_argument("--phases", default="collect,ar,av,eval",
+                   help="comma list of collect,ar,av,eval,grpo (grpo needs eval first: it reports before/after)")
+    p.add_argument("--grpo", action="append", default=[], metavar="KEY=VALUE", help="GRPOConfig field override")
+    p.add_argument("--promote-grpo", action="store_true",
+                   help="replace the shipped AV adapter with the GRPO one if held-out FVE improved")
     a = p.parse_args(argv)
 
     cfg = train.TrainConfig(family=a.family)
@@ -208,7 +212,52 @@ def main(argv=None) -> int:
         log(json.dumps(summary["heldout"], indent=1))
         for ex in ev_res["examples"][:3]:
             log(f"--- context …{ex['context_tail'][-100:]!r}\n    explanation: {ex['explanation']!r}\n    nmse {ex['nmse']:.4f}")
+    if "grpo" in phases:
+        _grpo_phase(a, cfg, tok, res, dev, tr, ev, work, pair_out, results, log)
     return 0
+
+
+def _grpo_phase(a, cfg, tok, res, dev, tr, ev, work: Path, pair_out: Path, results: Path, log) -> None:
+    """Policy-gradient refinement of the shipped AV against its frozen AR; before/after on held-out."""
+    import shutil
+
+    from peft import PeftModel
+
+    from nla_ray import grpo
+    from nla_ray.av import AVEngine
+    from nla_ray.sidecar import read_sidecar
+
+    if not (results / "summary.json").is_file():
+        raise SystemExit("grpo reports before/after: run the eval phase first")
+    gcfg = grpo.GRPOConfig(max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed)
+    for item in a.grpo:
+        k, v = item.split("=", 1)
+        if not hasattr(gcfg, k):
+            raise SystemExit(f"--grpo: unknown GRPOConfig field {k!r}; fields: {sorted(vars(gcfg))}")
+        setattr(gcfg, k, yaml.safe_load(v))
+    base = load_causal_lm(res.path, device=dev, dtype=torch.float32)
+    peft_m = PeftModel.from_pretrained(base, str(pair_out / "av" / "adapter"), is_trainable=True)
+    av = AVEngine(peft_m.base_model.model, tok, read_sidecar(pair_out / "av"), max_new_tokens=cfg.eval_max_new_tokens)
+    ar = pairs.load_ar(pair_out / "ar", device=str(dev), dtype="float32")
+    t0 = time.time()
+    curve = grpo.grpo_train(av, ar, tr, gcfg, log=log)
+    train_s = round(time.time() - t0, 1)
+    out = work / "av_grpo" / "adapter"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    _save_adapter(peft_m, out)
+    after = train.evaluate(av, ar, ev, batch=64, max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed, log=log)
+    before = json.loads((results / "summary.json").read_text())["heldout"]
+    promoted = bool(a.promote_grpo and after["fve_own"] > before["fve_own"])
+    if promoted:
+        shutil.rmtree(pair_out / "av" / "adapter")
+        shutil.copytree(out, pair_out / "av" / "adapter")
+    write_json(results / "grpo.json", {
+        "config": vars(gcfg), "train_s": train_s, "curve": curve, "promoted": promoted,
+        "before": before, "after": {k: v for k, v in after.items() if k != "examples"},
+        "examples_after": after["examples"], "provenance": provenance(a.family)})
+    log(f"[grpo] held-out FVE before {before['fve_own']:.4f} -> after {after['fve_own']:.4f}"
+        f" ({'promoted' if promoted else 'not promoted'})")
 
 
 def math_sqrt(d: int) -> float:
