@@ -61,10 +61,9 @@ def _derive(run: dict, samples: int) -> dict:
 
 
 def _figure(runs: list[dict], path: Path) -> None:
-    import matplotlib
+    from nla_ray.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(len(runs), 1, figsize=(8, 1.6 + 1.3 * len(runs)), squeeze=False)
     colors = {"extract": "#7a9e3b", "av": "#3b6ea5", "ar": "#a5533b"}
@@ -78,9 +77,7 @@ def _figure(runs: list[dict], path: Path) -> None:
         ax.set_title(f"{r['gpus']} GPU(s): {r['rows_per_s_steady']:.1f} rows/s steady", fontsize=9)
         ax.set_xlabel("seconds since first batch")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

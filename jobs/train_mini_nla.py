@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -45,10 +46,9 @@ def _save_adapter(peft_model, directory: Path) -> None:
 
 
 def _curve_figure(curves: dict, path: Path, title: str) -> None:
-    import matplotlib
+    from nla_ray.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for ax, (name, key) in zip(axes, (("ar", "loss_nmse"), ("av", "loss_ce"))):
@@ -59,9 +59,7 @@ def _curve_figure(curves: dict, path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -131,10 +129,9 @@ def main(argv=None) -> int:
     log(f"[data] train rows {len(tr)} from {len({r['doc_id'] for r in tr})} docs; eval rows {len(ev)}; "
         f"median |v| {inj_scale}")
     d = gold_tr.shape[1]
-    var_train = None
     from nla_ray import metrics
 
-    var_train = float(metrics.variance_baseline(gold_tr, math_sqrt(d)))
+    var_train = float(metrics.variance_baseline(gold_tr, math.sqrt(d)))
     extra = {"base_checkpoint": fam["base"], "stage": "sl",
              "base_model": {"source": fam["base"], "gguf_file": res.gguf_file, "sha256": res.sha256},
              "eval": {"var_train": round(var_train, 6)},
@@ -258,12 +255,6 @@ def _grpo_phase(a, cfg, tok, res, dev, tr, ev, work: Path, pair_out: Path, resul
         "examples_after": after["examples"], "provenance": provenance(a.family)})
     log(f"[grpo] held-out FVE before {before['fve_own']:.4f} -> after {after['fve_own']:.4f}"
         f" ({'promoted' if promoted else 'not promoted'})")
-
-
-def math_sqrt(d: int) -> float:
-    import math
-
-    return math.sqrt(d)
 
 
 if __name__ == "__main__":

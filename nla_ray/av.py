@@ -180,7 +180,6 @@ class AVEngine:
         logits = out.logits[:, -1, :]
         done = torch.zeros(n, dtype=torch.bool, device=dev)
         steps = []
-        close_ids = self.tok.encode(T.CLOSE_TAG, add_special_tokens=False)
         for step in range(max_new):
             lg = logits.float()
             if mask is not None:
@@ -194,7 +193,7 @@ class AVEngine:
             steps.append(nxt)
             done |= torch.isin(nxt, stop)
             if step % 8 == 7 or step == max_new - 1:
-                done |= self._closed_tag(torch.stack(steps, 1), close_ids)
+                done |= self._closed_tag(torch.stack(steps, 1), done)
             if bool(done.all()):
                 break
             out = self.model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
@@ -203,26 +202,28 @@ class AVEngine:
         toks = torch.stack(steps, 1).tolist()
         return [self._trim_after_close(r) for r in toks]
 
-    def _closed_tag(self, toks: torch.Tensor, close_ids: list[int]) -> torch.Tensor:
-        # Decoding every row each step is costly; every 8 steps is enough for early exit.
-        rows = toks.tolist()
-        return torch.tensor([T.CLOSE_TAG in self.tok.decode(r, skip_special_tokens=True) for r in rows],
-                            device=toks.device)
+    def _closed_tag(self, toks: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        # Decoding every row each step is costly; every 8 steps, rows still open only, is enough.
+        rows, finished = toks.tolist(), done.tolist()
+        return torch.tensor([not f and T.CLOSE_TAG in self.tok.decode(r, skip_special_tokens=True)
+                             for r, f in zip(rows, finished)], device=toks.device)
 
     def _trim_after_close(self, row: list[int]) -> list[int]:
         """Cut tokens generated after `</explanation>` so both backends return the same text."""
-        text = ""
-        for i in range(len(row)):
-            if row[i] in self.stop_ids:
+        for i, t in enumerate(row):
+            if t in self.stop_ids:
                 return row[: i + 1]
-        full = self.tok.decode(row, skip_special_tokens=True)
-        if T.CLOSE_TAG not in full:
+        if T.CLOSE_TAG not in self.tok.decode(row, skip_special_tokens=True):
             return row
-        for i in range(1, len(row) + 1):
-            text = self.tok.decode(row[:i], skip_special_tokens=True)
-            if T.CLOSE_TAG in text:
-                return row[:i]
-        return row
+        # "prefix contains the tag" is monotone in the prefix length: binary-search the shortest.
+        lo, hi = 1, len(row)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if T.CLOSE_TAG in self.tok.decode(row[:mid], skip_special_tokens=True):
+                hi = mid
+            else:
+                lo = mid + 1
+        return row[:lo]
 
     def _generate_hf(self, emb, temperature, banned_ids, max_new) -> list[list[int]]:
         kw = dict(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device),

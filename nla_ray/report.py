@@ -64,12 +64,25 @@ def provenance_md(prov: dict) -> str:
             f"_machine_: {prov['machine']}  \n_date_: {prov['date']}\n")
 
 
-def nmse_histogram(table: pa.Table, var: float, path: Path, title: str) -> Path:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (jobs run headless on cluster nodes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return path
+
+
+def nmse_histogram(table: pa.Table, var: float, path: Path, title: str) -> Path:
+    plt = pyplot()
     t = scored(table)
     nm = np.asarray(t.column("nmse").to_numpy(), dtype=float)
     fig, ax = plt.subplots(figsize=(6, 3.4))
@@ -81,7 +94,4 @@ def nmse_histogram(table: pa.Table, var: float, path: Path, title: str) -> Path:
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
