@@ -8,6 +8,12 @@ plus the AR value head (a few MB), written to nla_ray/pairs/<family>/ so `mini:<
   python jobs/train_mini_nla.py --family smollm2-L20                 # GPU recommended
   python jobs/train_mini_nla.py --family gemma3-L12 --set av_epochs=1.5
   python jobs/train_mini_nla.py --family smollm2-L20 --set n_train_docs=40 --set positions_per_doc=4  # CPU smoke
+  python jobs/train_mini_nla.py --family gemma3-L12 --budget-s 540   # pauses (exit 75) before 9 min; rerun resumes
+
+With --budget-s the ar/av phases save a checkpoint under --work when the budget is spent and the job
+exits with status 75 (EX_TEMPFAIL); the same command resumes at that step. The target recipe
+(`--set target_recipe=v2`, see nla_ray/targets.py) is applied to the collected data at load time, so
+recipes can share one collect phase.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from nla_ray import pairs, sources, train  # noqa: E402
+from nla_ray import pairs, sources, targets, train  # noqa: E402
 from nla_ray.corpora import PackagedBBCNews  # noqa: E402
 from nla_ray.models import load_causal_lm, resolve_device  # noqa: E402
 from nla_ray.pipeline import write_json  # noqa: E402
@@ -75,7 +82,18 @@ def main(argv=None) -> int:
     p.add_argument("--grpo", action="append", default=[], metavar="KEY=VALUE", help="GRPOConfig field override")
     p.add_argument("--promote-grpo", action="store_true",
                    help="replace the shipped AV adapter with the GRPO one if held-out FVE improved")
+    p.add_argument("--budget-s", type=float,
+                   help="wall-clock budget: ar/av checkpoint and exit 75 when it is spent, grpo stops early")
     a = p.parse_args(argv)
+    deadline = time.time() + a.budget_s if a.budget_s else None
+    try:
+        return _run(a, deadline)
+    except train.Paused as e:
+        print(f"[paused] {e}", flush=True)
+        return 75
+
+
+def _run(a, deadline) -> int:
 
     cfg = train.TrainConfig(family=a.family)
     for item in a.set:
@@ -119,7 +137,7 @@ def main(argv=None) -> int:
     if not data_f.is_file():
         raise SystemExit(f"no collected data at {data_f}: run the collect phase first")
     data = torch.load(data_f, weights_only=False)
-    tr, ev = data["train"], data["eval"]
+    tr, ev = train.set_targets(data["train"], cfg.target_recipe), train.set_targets(data["eval"], cfg.target_recipe)
     overlap = {r["doc_id"] for r in tr} & {r["doc_id"] for r in ev}
     if overlap:
         raise SystemExit(f"held-out documents leaked into training: {sorted(overlap)[:5]}")
@@ -145,7 +163,8 @@ def main(argv=None) -> int:
     if "ar" in phases and not (ar_dir / "value_head.safetensors").is_file():
         t0 = time.time()
         model = load_causal_lm(res.path, device=dev, dtype=torch.float32)
-        peft_m, head, curves["ar"] = train.train_ar(model, tok, ar_meta, tr, cfg, log=log)
+        peft_m, head, curves["ar"] = train.train_ar(model, tok, ar_meta, tr, cfg, log=log, ckpt_dir=work / "ar.ckpt",
+                                                    deadline=deadline)
         tmp = work / "ar.tmp"
         (tmp / "adapter").mkdir(parents=True, exist_ok=True)
         _save_adapter(peft_m, tmp / "adapter")
@@ -153,6 +172,7 @@ def main(argv=None) -> int:
 
         save_file({"weight": head.weight.detach().float().cpu().contiguous()}, str(tmp / "value_head.safetensors"))
         tmp.rename(ar_dir)
+        shutil.rmtree(work / "ar.ckpt", ignore_errors=True)  # finished: a later run must not resume it
         write_json(work / "curves.json", curves)
         del model, peft_m
         timings["ar_s"] = round(time.time() - t0, 1)
@@ -162,19 +182,19 @@ def main(argv=None) -> int:
     if "av" in phases and not (av_dir / "adapter" / "adapter_config.json").is_file():
         t0 = time.time()
         model = load_causal_lm(res.path, device=dev, dtype=torch.float32)
-        peft_m, curves["av"] = train.train_av(model, tok, av_meta, tr, cfg, log=log)
+        peft_m, curves["av"] = train.train_av(model, tok, av_meta, tr, cfg, log=log, ckpt_dir=work / "av.ckpt",
+                                              deadline=deadline)
         tmp = work / "av.tmp"
         (tmp / "adapter").mkdir(parents=True, exist_ok=True)
         _save_adapter(peft_m, tmp / "adapter")
         tmp.rename(av_dir)
+        shutil.rmtree(work / "av.ckpt", ignore_errors=True)
         write_json(work / "curves.json", curves)
         del model, peft_m
         timings["av_s"] = round(time.time() - t0, 1)
 
     # -- write the pair + eval ---------------------------------------------------------------
     if "eval" in phases:
-        import shutil
-
         if not (ar_dir / "value_head.safetensors").is_file() or not (av_dir / "adapter").is_dir():
             raise SystemExit("eval needs the ar and av phases to have finished")
         for role, meta, src in (("av", av_meta, av_dir), ("ar", ar_meta, ar_dir)):
@@ -201,7 +221,9 @@ def main(argv=None) -> int:
                    "heldout": {k: v for k, v in ev_res.items() if k != "examples"},
                    "examples": ev_res["examples"], "curves": curves, "timings": timings,
                    "pair_dir": str(pair_out.relative_to(REPO)) if pair_out.is_relative_to(REPO) else str(pair_out),
-                   "pair_bytes": size, "target_recipe": train.__doc__.strip().splitlines()[0],
+                   "pair_bytes": size, "target_recipe": {"name": cfg.target_recipe,
+                                                         **targets.RECIPES[cfg.target_recipe],
+                                                         "doc": targets.__doc__.strip()},
                    "provenance": provenance(a.family)}
         write_json(results / "summary.json", summary)
         _curve_figure(curves, results / "training_curves.png",
@@ -210,14 +232,12 @@ def main(argv=None) -> int:
         for ex in ev_res["examples"][:3]:
             log(f"--- context …{ex['context_tail'][-100:]!r}\n    explanation: {ex['explanation']!r}\n    nmse {ex['nmse']:.4f}")
     if "grpo" in phases:
-        _grpo_phase(a, cfg, tok, res, dev, tr, ev, work, pair_out, results, log)
+        _grpo_phase(a, cfg, tok, res, dev, tr, ev, work, pair_out, results, log, deadline)
     return 0
 
 
-def _grpo_phase(a, cfg, tok, res, dev, tr, ev, work: Path, pair_out: Path, results: Path, log) -> None:
+def _grpo_phase(a, cfg, tok, res, dev, tr, ev, work: Path, pair_out: Path, results: Path, log, deadline) -> None:
     """Policy-gradient refinement of the shipped AV against its frozen AR; before/after on held-out."""
-    import shutil
-
     from peft import PeftModel
 
     from nla_ray import grpo
@@ -237,7 +257,9 @@ def _grpo_phase(a, cfg, tok, res, dev, tr, ev, work: Path, pair_out: Path, resul
     av = AVEngine(peft_m.base_model.model, tok, read_sidecar(pair_out / "av"), max_new_tokens=cfg.eval_max_new_tokens)
     ar = pairs.load_ar(pair_out / "ar", device=str(dev), dtype="float32")
     t0 = time.time()
-    curve = grpo.grpo_train(av, ar, tr, gcfg, log=log)
+    # Leave room for the held-out evaluation after training (about as long as the eval phase took).
+    stop_at = deadline - 120 if deadline else None
+    curve = grpo.grpo_train(av, ar, tr, gcfg, log=log, deadline=stop_at)
     train_s = round(time.time() - t0, 1)
     out = work / "av_grpo" / "adapter"
     shutil.rmtree(out, ignore_errors=True)
@@ -249,8 +271,19 @@ def _grpo_phase(a, cfg, tok, res, dev, tr, ev, work: Path, pair_out: Path, resul
     if promoted:
         shutil.rmtree(pair_out / "av" / "adapter")
         shutil.copytree(out, pair_out / "av" / "adapter")
+        # The shipped AV is now the GRPO one: its sidecar and the summary's held-out block say so.
+        meta = read_sidecar(pair_out / "av")
+        meta.raw.update(stage="grpo", grpo={"config": vars(gcfg), "steps_done": curve[-1]["step"] + 1,
+                                            "heldout_fve_before": before["fve_own"],
+                                            "heldout_fve_after": after["fve_own"]})
+        write_sidecar(pair_out / "av", meta)
+        summary = json.loads((results / "summary.json").read_text())
+        summary.update(heldout_before_grpo=before, heldout={k: v for k, v in after.items() if k != "examples"},
+                       examples=after["examples"], stage="grpo")
+        write_json(results / "summary.json", summary)
     write_json(results / "grpo.json", {
-        "config": vars(gcfg), "train_s": train_s, "curve": curve, "promoted": promoted,
+        "config": vars(gcfg), "steps_done": curve[-1]["step"] + 1 if curve else 0, "train_s": train_s,
+        "curve": curve, "promoted": promoted,
         "before": before, "after": {k: v for k, v in after.items() if k != "examples"},
         "examples_after": after["examples"], "provenance": provenance(a.family)})
     log(f"[grpo] held-out FVE before {before['fve_own']:.4f} -> after {after['fve_own']:.4f}"

@@ -556,53 +556,53 @@ def bench_av(model, counts: Counts, plan: StagePlan, *, backends, ceilings, devi
         finally:
             _free(device)
         on_update()
-    for backend in backends:
-        for b in plan.av_batches:
-            row = {"backend": backend, "batch": b}
-            res["runs"].append(row)
-            if deadline is not None and time.time() > deadline:
-                row.update(status="skipped", reason="time budget spent")
-                continue
-            if backend in oom_at and b > oom_at[backend]:
-                row.update(status="skipped", reason=f"out of memory at batch {oom_at[backend]}")
-                continue
-            # The KV cache alone for (prompt + new) tokens; the fast path holds all of it at once.
-            kv = b * (plan.av_prompt + plan.av_new) * counts.kv_bytes_per_token()
-            ok, free = _fits(device, kv)
-            if not ok:
-                row.update(status="oom", reason="predicted", kv_bytes=kv, free_bytes=free)
-                oom_at[backend] = min(oom_at.get(backend, b), b)
-                on_update()
-                continue
-            emb = None
-            try:
-                emb = _prompt_embeds(model, b, plan.av_prompt, plan.av_slot, counts.vocab, device, gen)
-                if backend == "hf":
-                    r = bench_av_hf(model, emb, new=plan.av_new, temperature=plan.temperature, device=device,
-                                    reps=reps, warmup=warmup)
-                else:
-                    r = bench_av_fast(model, emb, new=plan.av_new, temperature=plan.temperature, device=device,
-                                      reps=reps, warmup=warmup, kv_bucket=kv_bucket)
-                work = counts.generation(b, plan.av_prompt, plan.av_new, shared_prefix=plan.av_slot)
-                r["roofline"] = roofline(r["median_s"], work["flops"], work["bytes"], ceilings)
-                if "decode_s" in r:
-                    r["roofline_decode"] = roofline(r["decode_s"], work["decode"]["flops"], work["decode"]["bytes"],
-                                                    ceilings)
-                    r["roofline_prefill"] = roofline(r["prefill_s"], work["prefill"]["flops"],
-                                                     work["prefill"]["bytes"], ceilings)
-                r["tokens_per_s"] = b * plan.av_new / r["median_s"]
-                r["explanations_per_s"] = b / r["median_s"]
-                row.update(r)
-            except Exception as e:  # noqa: BLE001 - one failed configuration must not end the run
-                if _is_oom(e):
-                    row.update(status="oom", reason=str(e).splitlines()[0][:300])
-                    oom_at[backend] = min(oom_at.get(backend, b), b)
-                else:
-                    row.update(status="error", reason=f"{type(e).__name__}: {e}"[:500])
-            finally:
-                del emb
-                _free(device)
+    # Batch by batch, every backend back to back: a run cut by its budget still has pairs to compare.
+    for b, backend in ((b, be) for b in plan.av_batches for be in backends):
+        row = {"backend": backend, "batch": b}
+        res["runs"].append(row)
+        if deadline is not None and time.time() > deadline:
+            row.update(status="skipped", reason="time budget spent")
+            continue
+        if backend in oom_at and b > oom_at[backend]:
+            row.update(status="skipped", reason=f"out of memory at batch {oom_at[backend]}")
+            continue
+        # The KV cache alone for (prompt + new) tokens; the fast path holds all of it at once.
+        kv = b * (plan.av_prompt + plan.av_new) * counts.kv_bytes_per_token()
+        ok, free = _fits(device, kv)
+        if not ok:
+            row.update(status="oom", reason="predicted", kv_bytes=kv, free_bytes=free)
+            oom_at[backend] = min(oom_at.get(backend, b), b)
             on_update()
+            continue
+        emb = None
+        try:
+            emb = _prompt_embeds(model, b, plan.av_prompt, plan.av_slot, counts.vocab, device, gen)
+            if backend == "hf":
+                r = bench_av_hf(model, emb, new=plan.av_new, temperature=plan.temperature, device=device,
+                                reps=reps, warmup=warmup)
+            else:
+                r = bench_av_fast(model, emb, new=plan.av_new, temperature=plan.temperature, device=device,
+                                  reps=reps, warmup=warmup, kv_bucket=kv_bucket)
+            work = counts.generation(b, plan.av_prompt, plan.av_new, shared_prefix=plan.av_slot)
+            r["roofline"] = roofline(r["median_s"], work["flops"], work["bytes"], ceilings)
+            if "decode_s" in r:
+                r["roofline_decode"] = roofline(r["decode_s"], work["decode"]["flops"], work["decode"]["bytes"],
+                                                ceilings)
+                r["roofline_prefill"] = roofline(r["prefill_s"], work["prefill"]["flops"],
+                                                 work["prefill"]["bytes"], ceilings)
+            r["tokens_per_s"] = b * plan.av_new / r["median_s"]
+            r["explanations_per_s"] = b / r["median_s"]
+            row.update(r)
+        except Exception as e:  # noqa: BLE001 - one failed configuration must not end the run
+            if _is_oom(e):
+                row.update(status="oom", reason=str(e).splitlines()[0][:300])
+                oom_at[backend] = min(oom_at.get(backend, b), b)
+            else:
+                row.update(status="error", reason=f"{type(e).__name__}: {e}"[:500])
+        finally:
+            del emb
+            _free(device)
+        on_update()
     ok = {(r["backend"], r["batch"]): r for r in res["runs"] if r.get("status") == "ok"}
     res["speedup"] = [{"batch": b, "fast_over_hf": ok[("hf", b)]["median_s"] / ok[("fast", b)]["median_s"]}
                       for b in plan.av_batches if ("hf", b) in ok and ("fast", b) in ok]
@@ -682,12 +682,13 @@ def bench_model(spec: BenchModel, *, device, dtype, tiny, backends, reps, warmup
                                           t=plan.extract_len, hidden_states=True, head=None, **common))
     if entry["extraction"].get("status") == "ok":
         entry["extraction"]["activations_per_s"] = entry["extraction"]["rows_per_s"] * plan.positions_per_doc
-    stage("av", functools.partial(bench_av, model, counts, plan, backends=backends, kv_bucket=kv_bucket,
-                                  deadline=deadline, on_update=on_update, **common))
-    # The AR's value head: Linear(d, d) in fp32 on the last real token, as AREngine runs it.
+    # The AR's value head: Linear(d, d) in fp32 on the last real token, as AREngine runs it. The AR
+    # runs before the AV sweep: it takes seconds, the sweep takes minutes and may hit the budget.
     head = torch.nn.Linear(counts.d, counts.d, bias=False, device=device, dtype=torch.float32)
     stage("ar", functools.partial(bench_prefill_stage, model, counts, n_layers=k1, batch=plan.ar_batch,
                                   t=plan.ar_len, hidden_states=False, head=head, **common))
+    stage("av", functools.partial(bench_av, model, counts, plan, backends=backends, kv_bucket=kv_bucket,
+                                  deadline=deadline, on_update=on_update, **common))
     del model, head
     _free(device)
     return entry

@@ -71,8 +71,12 @@ def group_advantages(rewards: np.ndarray, group: int) -> np.ndarray:
     return ((r - r.mean(1, keepdims=True)) / (r.std(1, keepdims=True) + 1e-6)).reshape(-1)
 
 
-def grpo_train(av: AVEngine, ar, rows: list[dict], cfg: GRPOConfig, log=print) -> list[dict]:
-    """Update the trainable parameters of `av.model` (e.g. a PEFT adapter) in place."""
+def grpo_train(av: AVEngine, ar, rows: list[dict], cfg: GRPOConfig, log=print,
+               deadline: float | None = None) -> list[dict]:
+    """Update the trainable parameters of `av.model` (e.g. a PEFT adapter) in place.
+
+    With a deadline the loop stops early (after a whole step) and the last curve point records the
+    step it reached, so a report can say how many steps actually ran."""
     from . import metrics
 
     params = [p for p in av.model.parameters() if p.requires_grad]
@@ -103,10 +107,14 @@ def grpo_train(av: AVEngine, ar, rows: list[dict], cfg: GRPOConfig, log=print) -
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+        stop = deadline is not None and time.time() > deadline
+        if step % cfg.log_every == 0 or step == cfg.steps - 1 or stop:
             curve.append({"step": step, "reward_mean": float(rewards.mean()), "nmse_ok_mean": float(nm[ok].mean()) if ok.any() else None,
                           "tag_fail_rate": float(1 - ok.mean()), "loss": float(loss.detach()), "s": round(time.time() - t0, 1)})
             log(f"[grpo] step {step}/{cfg.steps} reward {rewards.mean():.4f} tag-fail {1 - ok.mean():.2f} "
                 f"({time.time() - t0:.0f}s)")
+        if stop:
+            log(f"[grpo] deadline reached after {step + 1} of {cfg.steps} steps")
+            break
     av.model.eval()
     return curve

@@ -13,6 +13,12 @@ We build the same shape from the data itself, so the recipe is reproducible from
 
 Quotes appear in every target on purpose: the quote-ablation, verbatim-run and redaction analyses
 need a quoting habit to measure.
+
+Recipes (`RECIPES`, chosen by `TrainConfig.target_recipe` and recorded in the pair's sidecar):
+  v1 — the quoted phrase is the last 4 words before the token (at most 60 characters);
+  v2 — the last 10 words (at most 100 characters). A mid-depth residual still carries several
+       preceding tokens, so a longer verbatim span gives the AR more of what the vector holds;
+       whether the AV can write it back is what the held-out FVE measures.
 """
 
 from __future__ import annotations
@@ -47,11 +53,14 @@ def salient_words(prefix: str, k: int = 3, window: int = 80) -> list[str]:
     return [surface[w] for w in ranked[:k]]
 
 
-def recent_phrase(prefix_before_token: str, n_words: int = 4) -> str:
+RECIPES = {"v1": {"quote_words": 4, "quote_chars": 60}, "v2": {"quote_words": 10, "quote_chars": 100}}
+
+
+def recent_phrase(prefix_before_token: str, n_words: int = 4, max_chars: int = 60) -> str:
     text = prefix_before_token.rstrip()
     toks = text.split()
     phrase = " ".join(toks[-n_words:]) if toks else ""
-    return phrase.replace('"', "'")[-60:]
+    return phrase.replace('"', "'")[-max_chars:]
 
 
 def phrase_role(phrase: str) -> str:
@@ -93,13 +102,16 @@ def _q(s: str) -> str:
     return f'"{s}"'
 
 
-def make_target(*, topic: str, prefix_text: str, token: str, top_next: list[str]) -> str:
+def make_target(*, topic: str, prefix_text: str, token: str, top_next: list[str], recipe: str = "v1") -> str:
     """One explanation in the three-paragraph release style, from data alone."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown target recipe {recipe!r}; known: {sorted(RECIPES)}")
+    spec = RECIPES[recipe]
     words = salient_words(prefix_text)
     topic_name = TOPIC_NAMES.get(topic, topic.capitalize() if topic else "General")
     line1 = f"{topic_name} news report" + (f" on {', '.join(words)}." if words else ".")
     before = prefix_text[: len(prefix_text) - len(token)] if token and prefix_text.endswith(token) else prefix_text
-    phrase = recent_phrase(before)
+    phrase = recent_phrase(before, spec["quote_words"], spec["quote_chars"])
     line2 = f"The phrase {_q(phrase)} signals {phrase_role(phrase)}." if phrase else \
         "The opening words set up the article."
     nxt = [t for t in top_next if t is not None][:3]

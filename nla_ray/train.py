@@ -10,6 +10,11 @@ Phases (each resumable from its saved output):
             prompt slot and the model learns to write `<explanation>\\n{target}\\n</explanation>`;
   eval    — on the HELD-OUT slice, greedy: FVE (own-set Var), NMSE, cos, tag failures, a
             shuffled-pair null, and the AR alone on gold targets (its ceiling).
+
+The ar and av phases take a deadline: when it passes they save a checkpoint (trainable weights,
+value head, optimizer state, step, curve) and raise `Paused`; called again with the same
+checkpoint directory they resume at that step, so a GPU that is lent in 10-minute calls can train
+for longer. The data order is a pure function of the seed, so a resumed run sees the same batches.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +34,7 @@ from .av import AVEngine
 from .batching import right_pad
 from .extract import sample_positions
 from .models import backbone_from_model, decoder_of, text_config
-from .targets import make_target
+from .targets import RECIPES, make_target
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -55,6 +61,7 @@ class TrainConfig:
     max_target_tokens: int = 128
     eval_max_new_tokens: int = 144
     log_every: int = 25
+    target_recipe: str = "v1"
     extra: dict = field(default_factory=dict)
 
 
@@ -63,6 +70,64 @@ def _cosine_lr(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     p = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+class Paused(Exception):
+    """A training phase reached its deadline and saved a checkpoint; call it again to resume."""
+
+
+def _ckpt_file(ckpt_dir) -> Path | None:
+    return Path(ckpt_dir) / "resume.pt" if ckpt_dir else None
+
+
+def _load_resume(ckpt_dir, named: dict, head, opt, log) -> tuple[int, list, float]:
+    """(start step, curve so far, seconds already spent) — (0, [], 0) when there is no checkpoint."""
+    f = _ckpt_file(ckpt_dir)
+    if f is None or not f.is_file():
+        return 0, [], 0.0
+    st = torch.load(f, map_location="cpu", weights_only=False)
+    missing = set(named) ^ set(st["params"])
+    if missing:
+        raise ValueError(f"{f}: checkpoint parameters do not match this model ({sorted(missing)[:3]} ...)")
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(st["params"][n].to(p.device, p.dtype))
+        if head is not None:
+            head.load_state_dict(st["head"])
+    opt.load_state_dict(st["opt"])
+    log(f"[resume] {f}: step {st['step']}, {st['elapsed_s']:.0f}s already trained")
+    return int(st["step"]), list(st["curve"]), float(st["elapsed_s"])
+
+
+def _save_resume(ckpt_dir, step: int, named: dict, head, opt, curve: list, elapsed_s: float) -> Path:
+    f = _ckpt_file(ckpt_dir)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_name(f.name + ".tmp")
+    torch.save({"step": step, "params": {n: p.detach().cpu() for n, p in named.items()},
+                "head": head.state_dict() if head is not None else None, "opt": opt.state_dict(),
+                "curve": curve, "elapsed_s": elapsed_s}, tmp)
+    tmp.replace(f)
+    return f
+
+
+def _maybe_pause(step: int, start: int, deadline: float | None, ckpt_dir, named, head, opt, curve,
+                 elapsed_s: float, phase: str) -> None:
+    if deadline is None or step == start or time.time() < deadline:
+        return
+    if ckpt_dir is None:
+        raise ValueError(f"{phase}: a deadline needs a checkpoint directory to pause into")
+    f = _save_resume(ckpt_dir, step, named, head, opt, curve, elapsed_s)
+    raise Paused(f"{phase} paused at step {step} (checkpoint {f}); run the same command again to resume")
+
+
+def set_targets(rows: list[dict], recipe: str) -> list[dict]:
+    """(Re)build every row's target with `recipe`, from the data the collect phase stored."""
+    if recipe not in RECIPES:
+        raise ValueError(f"target_recipe {recipe!r} is not one of {sorted(RECIPES)}")
+    for r in rows:
+        r["target"] = make_target(topic=r["topic"], prefix_text=r["prefix_text"], token=r["token"],
+                                  top_next=r["top_next"], recipe=recipe)
+    return rows
 
 
 def torch_nmse(pred: torch.Tensor, gold: torch.Tensor, scale: float) -> torch.Tensor:
@@ -77,7 +142,7 @@ def torch_nmse(pred: torch.Tensor, gold: torch.Tensor, scale: float) -> torch.Te
 
 @torch.no_grad()
 def collect(model, tok, docs, layer: int, *, positions_per_doc: int, seed: int, max_length: int,
-            batch_docs: int = 8, log=print) -> list[dict]:
+            batch_docs: int = 8, recipe: str = "v1", log=print) -> list[dict]:
     """Full-model forward: raw hidden_states[K+1] + top-3 next tokens at stage-0 positions."""
     dev = next(model.parameters()).device
     special = set(tok.all_special_ids)
@@ -117,17 +182,15 @@ def collect(model, tok, docs, layer: int, *, positions_per_doc: int, seed: int, 
                             "top_next": [tok.decode([t]) for t in top[j]], "vector": vecs[j]})
         if (b // batch_docs) % 25 == 0:
             log(f"[collect] {min(b + batch_docs, len(docs))}/{len(docs)} docs, {len(out)} rows, {time.time() - t0:.0f}s")
-    for r in out:
-        r["target"] = make_target(topic=r["topic"], prefix_text=r["prefix_text"], token=r["token"],
-                                  top_next=r["top_next"])
-    return out
+    return set_targets(out, recipe)
 
 
 # ---------------------------------------------------------------------------------------------
 # AR
 
 
-def train_ar(model, tok, meta_ar, rows: list[dict], cfg: TrainConfig, log=print):
+def train_ar(model, tok, meta_ar, rows: list[dict], cfg: TrainConfig, log=print, *, ckpt_dir=None,
+             deadline: float | None = None):
     """LoRA on blocks 0..K of `model` (in place, via PEFT) + a value head. Returns (peft_model, head, curve)."""
     from peft import LoraConfig, get_peft_model
 
@@ -147,11 +210,14 @@ def train_ar(model, tok, meta_ar, rows: list[dict], cfg: TrainConfig, log=print)
     rng = np.random.default_rng(cfg.seed)
     n = len(rows)
     steps = int(cfg.ar_epochs * n / cfg.ar_batch)
-    curve, t0 = [], time.time()
     gold_all = np.stack([r["vector"] for r in rows]).astype(np.float32)
     order = np.concatenate([rng.permutation(n) for _ in range(int(math.ceil(cfg.ar_epochs)) + 1)])
+    named = {n: p for n, p in peft.named_parameters() if p.requires_grad}
+    start, curve, spent = _load_resume(ckpt_dir, named, engine.head, opt, log)
+    t0 = time.time() - spent
     peft.train()
-    for step in range(steps):
+    for step in range(start, steps):
+        _maybe_pause(step, start, deadline, ckpt_dir, named, engine.head, opt, curve, time.time() - t0, "ar")
         idx = order[step * cfg.ar_batch:(step + 1) * cfg.ar_batch]
         ids, mask, last = engine.encode([rows[i]["target"] for i in idx])
         h = bb(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).last_hidden_state
@@ -166,7 +232,7 @@ def train_ar(model, tok, meta_ar, rows: list[dict], cfg: TrainConfig, log=print)
         opt.step()
         if step % cfg.log_every == 0 or step == steps - 1:
             curve.append({"step": step, "loss_nmse": float(loss.detach()), "s": round(time.time() - t0, 1)})
-            log(f"[ar] step {step}/{steps} nmse {float(loss):.4f} ({time.time() - t0:.0f}s)")
+            log(f"[ar] step {step}/{steps} nmse {float(loss.detach()):.4f} ({time.time() - t0:.0f}s)")
     peft.eval()
     return peft, engine.head, curve
 
@@ -197,7 +263,8 @@ def _chunked_ce(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 
     return total / max(count, 1)
 
 
-def train_av(model, tok, meta_av, rows: list[dict], cfg: TrainConfig, log=print):
+def train_av(model, tok, meta_av, rows: list[dict], cfg: TrainConfig, log=print, *, ckpt_dir=None,
+             deadline: float | None = None):
     from peft import LoraConfig, get_peft_model
 
     dev = next(model.parameters()).device
@@ -219,9 +286,12 @@ def train_av(model, tok, meta_av, rows: list[dict], cfg: TrainConfig, log=print)
     gold_all = np.stack([r["vector"] for r in rows]).astype(np.float32)
     P = len(engine.prompt_ids)
     dec = decoder_of(inner)
-    curve, t0 = [], time.time()
+    named = {n: p for n, p in peft.named_parameters() if p.requires_grad}
+    start, curve, spent = _load_resume(ckpt_dir, named, None, opt, log)
+    t0 = time.time() - spent
     peft.train()
-    for step in range(steps):
+    for step in range(start, steps):
+        _maybe_pause(step, start, deadline, ckpt_dir, named, None, opt, curve, time.time() - t0, "av")
         idx = order[step * cfg.av_batch:(step + 1) * cfg.av_batch]
         L = max(len(tgt_ids[i]) for i in idx)
         tgt = torch.full((len(idx), L), eot, dtype=torch.long)
@@ -246,7 +316,7 @@ def train_av(model, tok, meta_av, rows: list[dict], cfg: TrainConfig, log=print)
         opt.step()
         if step % cfg.log_every == 0 or step == steps - 1:
             curve.append({"step": step, "loss_ce": float(loss.detach()), "s": round(time.time() - t0, 1)})
-            log(f"[av] step {step}/{steps} ce {float(loss):.4f} ({time.time() - t0:.0f}s)")
+            log(f"[av] step {step}/{steps} ce {float(loss.detach()):.4f} ({time.time() - t0:.0f}s)")
     peft.eval()
     return peft, curve
 

@@ -95,3 +95,13 @@ def test_identical_rewards_give_no_update(tiny_llama, smollm_tok):
                             log=lambda m: None)
     assert curve[0]["tag_fail_rate"] == 1.0
     assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters() if p.requires_grad)
+
+
+def test_grpo_stops_at_its_deadline_after_one_whole_step(tiny_llama, smollm_tok):
+    _, av, ar = _engines(tiny_llama, smollm_tok)
+    rows = [{"vector": np.random.default_rng(i).standard_normal(D).astype(np.float32)} for i in range(2)]
+    msgs = []
+    curve = grpo.grpo_train(av, ar, rows, grpo.GRPOConfig(steps=50, group=2, prompts_per_step=2, max_new_tokens=3,
+                                                          log_every=10), log=msgs.append, deadline=0.0)
+    assert [c["step"] for c in curve] == [0]
+    assert any("deadline reached after 1 of 50 steps" in m for m in msgs)

@@ -347,6 +347,80 @@ def test_shipped_fp16_adapter_round_trips(av_trained, smollm_tok, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# pause at a deadline, resume from the checkpoint
+
+
+def _trainable(peft_m) -> dict:
+    return {n: p.detach().clone() for n, p in peft_m.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("phase", ["ar", "av"])
+def test_paused_phase_resumes_to_the_same_weights(phase, tiny_llama, smollm_tok, tmp_path):
+    """A run cut at a deadline and resumed from its checkpoint ends where the uninterrupted run ends."""
+    d = tiny_llama.config.hidden_size
+    rows = _rows(16, d, seed=3)
+    av_meta, ar_meta = pairs.build_metas(smollm_tok, d, K, 4.0)
+    cfg = _cfg(ar_epochs=2.0, ar_batch=8, av_epochs=2.0, av_batch=8)  # 4 steps either way
+    fn = train.train_ar if phase == "ar" else train.train_av
+    meta = ar_meta if phase == "ar" else av_meta
+
+    def run(**kw):
+        torch.manual_seed(0)
+        out = fn(_fresh(tiny_llama), smollm_tok, meta, rows, cfg, log=_quiet, **kw)
+        return out[0], out[-1], (out[1] if phase == "ar" else None)
+
+    ref_m, ref_curve, ref_head = run()
+    ck = tmp_path / "ckpt"
+    with pytest.raises(train.Paused, match=f"{phase} paused at step 1"):
+        run(ckpt_dir=ck, deadline=0.0)  # the deadline has passed: one step, then pause
+    assert (ck / "resume.pt").is_file()
+    got_m, got_curve, got_head = run(ckpt_dir=ck, deadline=None)
+    assert [c["step"] for c in got_curve] == [c["step"] for c in ref_curve] == [0, 1, 2, 3]
+    key = "loss_nmse" if phase == "ar" else "loss_ce"
+    np.testing.assert_allclose([c[key] for c in got_curve], [c[key] for c in ref_curve], rtol=1e-5, atol=1e-6)
+    want, have = _trainable(ref_m), _trainable(got_m)
+    assert want.keys() == have.keys()
+    for n in want:
+        torch.testing.assert_close(have[n], want[n], rtol=1e-5, atol=1e-6)
+    if ref_head is not None:
+        torch.testing.assert_close(got_head.weight, ref_head.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_deadline_without_checkpoint_dir_is_refused(tiny_llama, smollm_tok):
+    d = tiny_llama.config.hidden_size
+    _, ar_meta = pairs.build_metas(smollm_tok, d, K, 4.0)
+    with pytest.raises(ValueError, match="checkpoint directory"):
+        train.train_ar(_fresh(tiny_llama), smollm_tok, ar_meta, _rows(16, d, seed=3),
+                       _cfg(ar_epochs=2.0, ar_batch=8), log=_quiet, deadline=0.0)
+
+
+def test_resume_checkpoint_from_another_model_is_refused(tiny_llama, smollm_tok, tmp_path):
+    d = tiny_llama.config.hidden_size
+    _, ar_meta = pairs.build_metas(smollm_tok, d, K, 4.0)
+    torch.save({"step": 1, "params": {"nope": torch.zeros(1)}, "head": None, "opt": {}, "curve": [],
+                "elapsed_s": 0.0}, tmp_path / "resume.pt")
+    with pytest.raises(ValueError, match="do not match"):
+        train.train_ar(_fresh(tiny_llama), smollm_tok, ar_meta, _rows(16, d, seed=3),
+                       _cfg(ar_epochs=2.0, ar_batch=8), log=_quiet, ckpt_dir=tmp_path)
+
+
+def test_target_recipes_differ_only_in_the_quote():
+    kw = dict(topic="business", prefix_text="Shares in the oil giant fell sharply on Monday after the company "
+              "warned that profits would drop", token=" drop", top_next=[" by", ".", " sharply"])
+    v1 = targets.make_target(**kw).split("\n")
+    v2 = targets.make_target(**kw, recipe="v2").split("\n")
+    assert v1[0] == v2[0] and v1[2] == v2[2]
+    assert v1[1].startswith('The phrase "warned that profits would"')
+    assert v2[1].startswith('The phrase "sharply on Monday after the company warned that profits would"')
+    with pytest.raises(ValueError, match="unknown target recipe"):
+        targets.make_target(**kw, recipe="v9")
+    rows = [dict(kw, top_next=kw["top_next"])]
+    assert train.set_targets(rows, "v2")[0]["target"] == "\n".join(v2)
+    with pytest.raises(ValueError, match="target_recipe"):
+        train.set_targets(rows, "v0")
+
+
+# ---------------------------------------------------------------------------------------------
 # collect
 
 VOCAB = ("the company said profits rose sharply in the third quarter as sales of new phones grew "

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Train several mini-NLA variants side by side on one lent GPU inside one device call, then pack
+# what finished into $OUT. The same call again resumes every variant: phase outputs and mid-phase
+# checkpoints live under /root/nla_grid, which survives between calls while the machine is warm.
+#
+#   bash scripts/device_train_grid.sh train BUDGET_S VARIANTS_FILE   # collect,ar,av,eval per variant
+#   bash scripts/device_train_grid.sh grpo  BUDGET_S VARIANTS_FILE   # GRPO on each family's best variant
+#
+# VARIANTS_FILE: one variant per line, "NAME FAMILY [train_mini_nla.py args ...]"; '#' starts a comment.
+# Needs the base GGUFs staged in /root/nla_stage (DEVICE.md) and .whl2/ carried (transformers 5.23:
+# the image's 5.17 turns the Gemma-3 GGUF tokenizer into one token per character).
+# "Best" for grpo = the higher held-out FVE of the eval phase: chosen on the evaluation slice, which
+# the summary states; GRPO then trains on the training slice only.
+set -u
+MODE=$1 BUDGET=$2 VARIANTS=$3
+R=${NLA_GRID_DIR:-/root/nla_grid} PY=${PY:-python3}
+mkdir -p "$R/logs"
+if [ -d .whl2 ] && [ ! -d /tmp/site2 ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 .whl2/*.whl || exit 2
+fi
+export PYTHONPATH=/tmp/site2:$PWD NLA_RAY_GGUF_DIR=${NLA_RAY_GGUF_DIR:-/root/nla_stage}
+export NLA_RAY_CACHE=${NLA_RAY_CACHE:-/root/nla_cache}
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 TOKENIZERS_PARALLELISM=false
+
+run_variant() {  # NAME FAMILY ARGS...
+  local name=$1 family=$2; shift 2
+  "$PY" jobs/train_mini_nla.py --family "$family" --work "$R/work/$name" --pair-out "$R/pair/$name" \
+    --results "$R/res/$name" --budget-s "$BUDGET" "$@" < /dev/null >> "$R/logs/$name.log" 2>&1
+  echo "[grid] $name exit $?" | tee -a "$R/logs/$name.log"
+}
+
+declare -A BEST BEST_FVE BEST_ARGS
+while read -r name family args; do
+  [ -z "${name:-}" ] || [ "${name:0:1}" = "#" ] && continue
+  # shellcheck disable=SC2086  # args are word lists on purpose
+  if [ "$MODE" = train ]; then
+    [ -f "$R/res/$name/summary.json" ] && { echo "[grid] $name: already evaluated"; continue; }
+    run_variant "$name" "$family" $args &
+  else
+    fve=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['heldout']['fve_own'])" \
+          "$R/res/$name/summary.json" 2>/dev/null) || continue
+    if [ -z "${BEST_FVE[$family]:-}" ] || "$PY" -c "import sys; sys.exit(not float(sys.argv[1]) > float(sys.argv[2]))" \
+         "$fve" "${BEST_FVE[$family]}"; then
+      BEST[$family]=$name BEST_FVE[$family]=$fve BEST_ARGS[$family]=$args
+    fi
+  fi
+done < "$VARIANTS"
+if [ "$MODE" = grpo ]; then
+  for family in "${!BEST[@]}"; do
+    echo "[grid] grpo on ${BEST[$family]} (held-out FVE ${BEST_FVE[$family]})"
+    # shellcheck disable=SC2086
+    run_variant "${BEST[$family]}" "$family" ${BEST_ARGS[$family]} --phases grpo --promote-grpo ${GRPO_ARGS:-} &
+  done
+fi
+wait
+for f in "$R"/logs/*.log; do echo "== $f"; grep -E "^\[(ar|av|grpo)\] step|paused|resume|fve_own\"|grid|Error|error" "$f" | tail -4; done
+if [ -n "${OUT:-}" ]; then
+  for d in "$R"/res/*/; do
+    name=$(basename "$d")
+    [ -f "$d/summary.json" ] && tar czf "$OUT/$name.tgz" -C "$R" "pair/$name" "res/$name" "logs/$name.log"
+  done
+  tar czf "$OUT/logs.tgz" -C "$R" logs
+fi
