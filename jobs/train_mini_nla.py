@@ -42,6 +42,26 @@ from nla_ray.sidecar import write_sidecar  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _typed(default, text: str, what: str):
+    """A --set value as the field's type: YAML alone reads '7e-4' as a string (1.1 floats need a dot)."""
+    val = yaml.safe_load(text)
+    try:
+        if isinstance(default, bool):
+            if not isinstance(val, bool):
+                raise ValueError(text)
+        elif isinstance(default, float):
+            val = float(val)
+        elif isinstance(default, int):
+            if isinstance(val, bool) or float(val) != int(float(val)):
+                raise ValueError(text)
+            val = int(val)
+        elif isinstance(default, str):
+            val = str(val)
+    except (TypeError, ValueError):
+        raise SystemExit(f"{what}={text!r}: expected a {type(default).__name__}") from None
+    return val
+
+
 def _save_adapter(peft_model, directory: Path) -> None:
     """PEFT adapter, stored fp16 to keep the shipped pair small (the base stays fp32)."""
     from safetensors.torch import load_file, save_file
@@ -100,7 +120,7 @@ def _run(a, deadline) -> int:
         k, v = item.split("=", 1)
         if not hasattr(cfg, k):
             raise SystemExit(f"--set: unknown TrainConfig field {k!r}; fields: {sorted(vars(cfg))}")
-        setattr(cfg, k, yaml.safe_load(v))
+        setattr(cfg, k, _typed(getattr(cfg, k), v, f"--set {k}"))
     fam = pairs.MINI_PAIRS[a.family]
     K = fam["layer"]
     work = Path(a.work) if a.work else sources.cache_root() / "train" / a.family
@@ -251,7 +271,7 @@ def _grpo_phase(a, cfg, tok, res, dev, tr, ev, work: Path, pair_out: Path, resul
         k, v = item.split("=", 1)
         if not hasattr(gcfg, k):
             raise SystemExit(f"--grpo: unknown GRPOConfig field {k!r}; fields: {sorted(vars(gcfg))}")
-        setattr(gcfg, k, yaml.safe_load(v))
+        setattr(gcfg, k, _typed(getattr(gcfg, k), v, f"--grpo {k}"))
     base = load_causal_lm(res.path, device=dev, dtype=torch.float32)
     peft_m = PeftModel.from_pretrained(base, str(pair_out / "av" / "adapter"), is_trainable=True)
     av = AVEngine(peft_m.base_model.model, tok, read_sidecar(pair_out / "av"), max_new_tokens=cfg.eval_max_new_tokens)
