@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="scaled-down models and stages (runs on a CPU)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto = bf16 on a GPU, fp32 on a CPU")
-    p.add_argument("--backends", default=",".join(bench.BACKENDS), help="AV backends to time: hf,fast")
+    p.add_argument("--backends", default=",".join(bench.DEFAULT_BACKENDS),
+                   help=f"AV backends to time, from {','.join(bench.BACKENDS)} (default: {','.join(bench.DEFAULT_BACKENDS)})")
     p.add_argument("--batch-sizes", type=_ints, help="AV batch sizes (default 32,64,128,256,512)")
     p.add_argument("--new-tokens", type=int, help="AV tokens per explanation (default: the preset's budget)")
     p.add_argument("--temperature", type=float, help="AV temperature (default: the preset's)")

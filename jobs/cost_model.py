@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="output dir (default results/cost_model/<bench dir name>/)")
     p.add_argument("--usd-per-gpu-hour", type=float, default=costmodel.DEFAULT_USD_PER_GPU_HOUR,
                    help="price of one GPU-hour of the benchmarked GPU (a parameter, stated in every output)")
-    p.add_argument("--av-backend", default="fast", choices=["fast", "hf"], help="which AV timing to cost")
+    p.add_argument("--av-backend", default="auto", choices=["auto", "fused", "fast", "hf"],
+                   help="which AV timing to cost (auto: the faster of fused and fast)")
     a = p.parse_args(argv)
     bench_path = Path(a.bench)
     out = a.out or str(Path(__file__).resolve().parent.parent / "results" / "cost_model" / bench_path.parent.name)

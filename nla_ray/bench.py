@@ -43,7 +43,10 @@ import torch
 
 SCHEMA = "nla_ray.bench/1"
 DEFAULT_BATCHES = (32, 64, 128, 256, 512)
-BACKENDS = ("hf", "fast")
+BACKENDS = ("hf", "fast", "fused")  # fused = fast + compiled norms/rotary (fast_decode `fuse=`)
+FAST_BACKENDS = ("fast", "fused")
+# fused compiles kernels (inductor): on a GPU it is worth timing; on a CPU it needs a C++ toolchain.
+DEFAULT_BACKENDS = ("hf", "fast", "fused") if torch.cuda.is_available() else ("hf", "fast")
 
 # AV prompt length, the injection slot's index in it (every position before it is the same for all
 # rows) and the AR template overhead (the AR prompt with an empty explanation), counted with
@@ -475,11 +478,11 @@ def bench_av_hf(model, emb, *, new: int, temperature: float, device, reps: int, 
 
 
 def bench_av_fast(model, emb, *, new: int, temperature: float, device, reps: int, warmup: int,
-                  kv_bucket: int) -> dict:
+                  kv_bucket: int, fuse: bool = False) -> dict:
     from .fast_decode import FastDecoder
 
     b = emb.shape[0]
-    dec = FastDecoder(model, stop_ids=(), kv_bucket=kv_bucket)
+    dec = FastDecoder(model, stop_ids=(), kv_bucket=kv_bucket, fuse=fuse or None)
     seeds = list(range(b)) if temperature > 0 else None
     t0 = time.perf_counter()
     toks = dec.generate(emb, temperature=temperature, seeds=seeds, max_new=new)  # builds + captures
@@ -507,7 +510,8 @@ def bench_av_fast(model, emb, *, new: int, temperature: float, device, reps: int
             "decode_s_per_token": decode / new, "peak_bytes": _peak(device)}
 
 
-def check_fast(model, counts: Counts, plan: StagePlan, *, device, gen, kv_bucket: int, new: int) -> dict:
+def check_fast(model, counts: Counts, plan: StagePlan, *, device, gen, kv_bucket: int, new: int,
+               fused: bool = False) -> dict:
     """Greedy tokens of the graph-replayed decode must equal the same decoder run eagerly (same
     kernels, so bit-identical on a GPU); agreement with HF `generate` is reported, not required:
     its attention kernels differ, and in bf16 a random model's near-tied logits flip early."""
@@ -523,6 +527,14 @@ def check_fast(model, counts: Counts, plan: StagePlan, *, device, gen, kv_bucket
         out.update(graphs=dec.last["graphs"], graph_error=dec.last["graph_error"],
                    kv_buckets=dec.last["buckets"], graph_equals_eager=bool(torch.equal(graph, eager)))
         dec.release()
+        if fused:
+            # Compiled kernels may round differently from eager ones: agreement is reported.
+            fdec = FastDecoder(model, graphs=True, kv_bucket=kv_bucket, fuse=True)
+            fg = fdec.generate(emb, max_new=new)
+            out.update(fused_graphs=fdec.last["graphs"], fused_graph_error=fdec.last["graph_error"],
+                       fused_token_agreement=float((fg == eager).float().mean()),
+                       fused_rows_identical=int((fg == eager).all(dim=1).sum()))
+            fdec.release()
     ones = torch.ones(emb.shape[:2], dtype=torch.long, device=device)
     with torch.no_grad():
         hf = model.generate(inputs_embeds=emb, attention_mask=ones, max_new_tokens=new, do_sample=False,
@@ -546,11 +558,11 @@ def bench_av(model, counts: Counts, plan: StagePlan, *, backends, ceilings, devi
     res = {"prompt_len": plan.av_prompt, "new_tokens": plan.av_new, "temperature": plan.temperature,
            "runs": []}
     oom_at: dict[str, int] = {}
-    if "fast" in backends and plan.temperature == 0:
+    if any(b in FAST_BACKENDS for b in backends) and plan.temperature == 0:
         try:
             # Enough tokens to cross at least one key-length bucket, so more than one graph runs.
             res["check"] = check_fast(model, counts, plan, device=device, gen=gen, kv_bucket=kv_bucket,
-                                      new=min(plan.av_new, max(kv_bucket, 1) + 1))
+                                      new=min(plan.av_new, max(kv_bucket, 1) + 1), fused="fused" in backends)
         except Exception as e:  # noqa: BLE001
             res["check"] = {"status": "oom" if _is_oom(e) else "error", "reason": f"{type(e).__name__}: {e}"[:500]}
         finally:
@@ -582,7 +594,7 @@ def bench_av(model, counts: Counts, plan: StagePlan, *, backends, ceilings, devi
                                 reps=reps, warmup=warmup)
             else:
                 r = bench_av_fast(model, emb, new=plan.av_new, temperature=plan.temperature, device=device,
-                                  reps=reps, warmup=warmup, kv_bucket=kv_bucket)
+                                  reps=reps, warmup=warmup, kv_bucket=kv_bucket, fuse=backend == "fused")
             work = counts.generation(b, plan.av_prompt, plan.av_new, shared_prefix=plan.av_slot)
             r["roofline"] = roofline(r["median_s"], work["flops"], work["bytes"], ceilings)
             if "decode_s" in r:
@@ -604,8 +616,9 @@ def bench_av(model, counts: Counts, plan: StagePlan, *, backends, ceilings, devi
             _free(device)
         on_update()
     ok = {(r["backend"], r["batch"]): r for r in res["runs"] if r.get("status") == "ok"}
-    res["speedup"] = [{"batch": b, "fast_over_hf": ok[("hf", b)]["median_s"] / ok[("fast", b)]["median_s"]}
-                      for b in plan.av_batches if ("hf", b) in ok and ("fast", b) in ok]
+    res["speedup"] = [{"batch": b, **{f"{fb}_over_hf": ok[("hf", b)]["median_s"] / ok[(fb, b)]["median_s"]
+                                      for fb in FAST_BACKENDS if (fb, b) in ok}}
+                      for b in plan.av_batches if ("hf", b) in ok and any((fb, b) in ok for fb in FAST_BACKENDS)]
     res["best"] = {}
     for backend in backends:
         runs = [r for r in res["runs"] if r["backend"] == backend and r.get("status") == "ok"]
@@ -701,7 +714,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def run(models: list[str], out: str | Path, *, tiny: bool = False, device: str = "auto", dtype: str = "auto",
-        backends=BACKENDS, reps: int = 3, warmup: int = 1, new_tokens: int | None = None,
+        backends=DEFAULT_BACKENDS, reps: int = 3, warmup: int = 1, new_tokens: int | None = None,
         batches: list[int] | None = None, temperature: float | None = None, kv_bucket: int = 64,
         budget_s: float | None = None, fresh: bool = False, figure: bool = True) -> dict:
     """Benchmark `models`, writing summary.json / table.md / figure.png under `out` after every
@@ -799,27 +812,36 @@ def render_markdown(summary: dict) -> str:
                          f"{_fmt(r['median_s'])} | {_fmt(r['tokens_per_s'])} tok/s | {r['roofline']['bound']} | "
                          f"{_pct(r['roofline']['fraction'])} |")
     lines += ["", "## AV sampling (prefill + fixed-length decode)", "",
-              "| model | batch | new tokens | hf s | fast s | speedup | fast expl/s | fast decode ms/token | "
-              "fast decode roofline | hf roofline | fast graphs |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "hf = `model.generate`; fast = static KV cache + CUDA-graph decode step; fused = fast with the "
+              "RMSNorm and rotary math compiled (`torch.compile`) into fewer kernels. Speedup is against hf at "
+              "the same batch, in the same process.", "",
+              "| model | batch | new tokens | backend | median s | speedup vs hf | expl/s | decode ms/token | "
+              "roofline (decode only for fast/fused) | graphs |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in summary["models"].items():
         av = m.get("av")
         if not isinstance(av, dict) or "runs" not in av:
             continue
         by = {(r["backend"], r["batch"]): r for r in av["runs"]}
         for b in sorted({r["batch"] for r in av["runs"]}):
-            h, f = by.get(("hf", b), {}), by.get(("fast", b), {})
+            h = by.get(("hf", b), {})
             hs = h.get("median_s") if h.get("status") == "ok" else None
-            fs = f.get("median_s") if f.get("status") == "ok" else None
-            sp = hs / fs if hs and fs else None
-            lines.append(
-                f"| {name} | {b} | {av['new_tokens']} | {_fmt(hs) if hs else h.get('status', '—')} | "
-                f"{_fmt(fs) if fs else f.get('status', '—')} | {_fmt(sp, '.2f') + '×' if sp else '—'} | "
-                f"{_fmt(f.get('explanations_per_s'))} | "
-                f"{_fmt(f['decode_s_per_token'] * 1e3) if fs else '—'} | "
-                f"{_pct(f['roofline_decode']['fraction']) if fs else '—'} | "
-                f"{_pct(h['roofline']['fraction']) if hs else '—'} | "
-                f"{f.get('graphs', '—') if fs else '—'} |")
+            for backend in BACKENDS:
+                r = by.get((backend, b))
+                if r is None:
+                    continue
+                if r.get("status") != "ok":
+                    lines.append(f"| {name} | {b} | {av['new_tokens']} | {backend} | {r.get('status', '—')} | "
+                                 f"{r.get('reason', '')[:50]} | | | | |")
+                    continue
+                fast = backend in FAST_BACKENDS
+                sp = hs / r["median_s"] if hs and fast else None
+                roof = r["roofline_decode"]["fraction"] if fast else r["roofline"]["fraction"]
+                lines.append(
+                    f"| {name} | {b} | {av['new_tokens']} | {backend} | {_fmt(r['median_s'])} | "
+                    f"{_fmt(sp, '.2f') + '×' if sp else '—'} | {_fmt(r['explanations_per_s'])} | "
+                    f"{_fmt(r['decode_s_per_token'] * 1e3) if fast else '—'} | {_pct(roof)} | "
+                    f"{r.get('graphs', '—') if fast else '—'} |")
     checks = [(n, m["av"]["check"]) for n, m in summary["models"].items()
               if isinstance(m.get("av"), dict) and "check" in m["av"]]
     if checks:
@@ -830,7 +852,10 @@ def render_markdown(summary: dict) -> str:
                          f"{' (' + c['graph_error'] + ')' if c.get('graph_error') else ''}; "
                          f"HF token agreement {_pct(c.get('hf_token_agreement'))}, rows identical "
                          f"{c.get('hf_rows_identical', '—')}/{c.get('batch', '—')}, median first divergence at token "
-                         f"{c.get('hf_first_divergence_median', '—')} of {c.get('new_tokens', '—')}")
+                         f"{c.get('hf_first_divergence_median', '—')} of {c.get('new_tokens', '—')}"
+                         + (f"; fused vs plain eager: token agreement {_pct(c.get('fused_token_agreement'))}, "
+                            f"rows identical {c.get('fused_rows_identical')}/{c.get('batch')}"
+                            if "fused_token_agreement" in c else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -845,7 +870,7 @@ def render_figure(summary: dict, path: Path) -> None:
         av = m.get("av")
         if not isinstance(av, dict):
             continue
-        for backend, style in (("hf", "--o"), ("fast", "-s")):
+        for backend, style in (("hf", "--o"), ("fast", "-s"), ("fused", "-^")):
             runs = sorted((r for r in av.get("runs", []) if r["backend"] == backend and r.get("status") == "ok"),
                           key=lambda r: r["batch"])
             if runs:
@@ -865,7 +890,7 @@ def render_figure(summary: dict, path: Path) -> None:
                 labels.append(f"{name}\n{st}")
                 fracs.append(r["roofline"]["fraction"])
         best = (m.get("av") or {}).get("best", {}) if isinstance(m.get("av"), dict) else {}
-        for backend in ("hf", "fast"):
+        for backend in BACKENDS:
             if backend in best:
                 labels.append(f"{name}\nav {backend} b={best[backend]['batch']}")
                 fracs.append(best[backend]["roofline_fraction"])

@@ -15,19 +15,22 @@ _REPO = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str:
-    """HEAD of the checkout (suffix '+dirty' when tracked files differ), or 'unknown' outside git."""
+    """The commit that ran: $NLA_RAY_GIT_COMMIT when the submitter sets it (a `ray job submit` or
+    device working dir is a copy whose .git, if any, need not be the one the code came from), else
+    HEAD of the checkout (suffix '+dirty' when tracked files differ), else 'unknown'."""
+    given = os.environ.get("NLA_RAY_GIT_COMMIT", "").strip()
+    if given:
+        return given
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True,
                              text=True, timeout=10).stdout.strip()
         if not re.fullmatch(r"[0-9a-f]{40}", sha):
-            # No repository here (a copied working tree prints 'HEAD' or nothing): ask the submitter.
-            return os.environ.get("NLA_RAY_GIT_COMMIT", "unknown")
+            return "unknown"  # no repository here (a copied working tree prints 'HEAD' or nothing)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        # A `ray job submit` working dir is a copy without .git: let the submitter pass it in.
-        return os.environ.get("NLA_RAY_GIT_COMMIT", "unknown")
+        return "unknown"
 
 
 def machine() -> dict:

@@ -64,7 +64,7 @@ def test_tiny_bench_schema(tiny_run):
         av = m["av"]
         assert av["new_tokens"] == m["plan"]["av_new"]
         runs = {(r["backend"], r["batch"]): r for r in av["runs"]}
-        assert set(runs) == {(b, n) for b in bench.BACKENDS for n in m["plan"]["av_batches"]}
+        assert set(runs) == {(b, n) for b in bench.DEFAULT_BACKENDS for n in m["plan"]["av_batches"]}
         for (backend, _), r in runs.items():
             assert r["status"] == "ok", r
             assert _positive(r["median_s"]) and _positive(r["explanations_per_s"])
@@ -76,7 +76,7 @@ def test_tiny_bench_schema(tiny_run):
                 assert _positive(r["prefill_s"]) and _positive(r["decode_s"])
                 _check_roofline(r["roofline_decode"])
         assert {s["batch"] for s in av["speedup"]} == set(m["plan"]["av_batches"])
-        assert set(av["best"]) == set(bench.BACKENDS)
+        assert set(av["best"]) == set(bench.DEFAULT_BACKENDS)
         chk = av["check"]
         assert chk["hf_token_agreement"] == 1.0  # fp32 on a CPU: the fast path is HF's greedy decode
     table = (out / "table.md").read_text()

@@ -911,3 +911,16 @@ def test_align_position_across_real_tokenizers(smollm_tok, gemma_tok):
         if e in ends_b:
             assert err == 0
         assert abs(err) <= min(abs(x - e) for x in ends_b)
+
+
+def test_git_commit_prefers_the_submitters_commit(monkeypatch):
+    """A copied working tree may carry a stale .git: an explicit NLA_RAY_GIT_COMMIT wins."""
+    import re
+
+    from nla_ray import provenance
+
+    monkeypatch.setenv("NLA_RAY_GIT_COMMIT", "0123456789abcdef0123456789abcdef01234567")
+    assert provenance.git_commit() == "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.delenv("NLA_RAY_GIT_COMMIT")
+    got = provenance.git_commit()
+    assert got == "unknown" or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", got)

@@ -199,3 +199,35 @@ def test_engine_generate_through_fast_path(engine, monkeypatch):
     monkeypatch.setattr(engine, "_generate_loop", lambda *a: fast_generate(engine, *a))
     got = engine.generate(vec, temperature=1.0, seeds=[1, 2, 3])
     assert got == ref
+
+
+def test_fused_norms_and_rotary_give_the_same_tokens_and_are_undone(engine):
+    """`fuse=` routes RMSNorm and rotary math through torch.compile; with a backend that needs no
+    compiler (aot_eager) the greedy rows equal the plain decoder's, and the patches are removed."""
+    import sys
+
+    emb = _emb(engine, 3, seed=13)
+    plain = FastDecoder(engine.model, stop_ids=(), kv_bucket=8).generate(emb, max_new=MAX_NEW)
+    norms = [m for m in engine.model.modules() if type(m).__name__.endswith("RMSNorm")]
+    mod = sys.modules[type(engine.model.model.layers[0].self_attn).__module__]
+    rope = mod.apply_rotary_pos_emb
+    seen = {}
+
+    def spy(*a, **k):
+        seen["rotary"] = seen.get("rotary", 0) + 1
+        return rope(*a, **k)
+
+    mod.apply_rotary_pos_emb = spy  # what the fused context wraps (and must restore)
+    hook = norms[0].register_forward_hook(
+        lambda m, i, o: seen.__setitem__("norm_patched", "forward" in m.__dict__))
+    try:
+        dec = FastDecoder(engine.model, stop_ids=(), kv_bucket=8, fuse="aot_eager")
+        fused = dec.generate(emb, max_new=MAX_NEW)
+        assert mod.apply_rotary_pos_emb is spy
+    finally:
+        mod.apply_rotary_pos_emb = rope
+        hook.remove()
+    assert seen.get("norm_patched") is True  # the norms ran through the compiled function
+    assert torch.equal(fused, plain)
+    assert seen.get("rotary", 0) > 0  # the compiled wrapper called through to the model's rotary
+    assert norms and all("forward" not in m.__dict__ for m in norms)
