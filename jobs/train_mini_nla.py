@@ -290,7 +290,7 @@ def _grpo_phase(a, cfg, tok, res, dev, tr, ev, work: Path, pair_out: Path, resul
     promoted = bool(a.promote_grpo and after["fve_own"] > before["fve_own"])
     if promoted:
         shutil.rmtree(pair_out / "av" / "adapter")
-        shutil.copytree(out, pair_out / "av" / "adapter")
+        shutil.copytree(out, pair_out / "av" / "adapter", ignore=shutil.ignore_patterns("README.md"))
         # The shipped AV is now the GRPO one: its sidecar and the summary's held-out block say so.
         meta = read_sidecar(pair_out / "av")
         meta.raw.update(stage="grpo", grpo={"config": vars(gcfg), "steps_done": curve[-1]["step"] + 1,
