@@ -293,9 +293,12 @@ def _grpo_phase(a, cfg, tok, res, dev, tr, ev, work: Path, pair_out: Path, resul
         shutil.copytree(out, pair_out / "av" / "adapter", ignore=shutil.ignore_patterns("README.md"))
         # The shipped AV is now the GRPO one: its sidecar and the summary's held-out block say so.
         meta = read_sidecar(pair_out / "av")
-        meta.raw.update(stage="grpo", grpo={"config": vars(gcfg), "steps_done": curve[-1]["step"] + 1,
-                                            "heldout_fve_before": before["fve_own"],
-                                            "heldout_fve_after": after["fve_own"]})
+        run = {"config": vars(gcfg), "steps_done": curve[-1]["step"] + 1,
+               "heldout_fve_before": before["fve_own"], "heldout_fve_after": after["fve_own"]}
+        # Runs stack (each starts from the adapter the previous one promoted): keep them all.
+        history = list(meta.raw.get("grpo_history") or ([meta.raw["grpo"]] if meta.raw.get("grpo") else []))
+        meta.raw.pop("grpo", None)
+        meta.raw.update(stage="grpo", grpo_history=history + [run])
         write_sidecar(pair_out / "av", meta)
         summary = json.loads((results / "summary.json").read_text())
         summary.update(heldout_before_grpo=before, heldout={k: v for k, v in after.items() if k != "examples"},
