@@ -44,7 +44,22 @@ def main(argv=None) -> int:
     p.add_argument("--kv-bucket", type=int, default=64, help="fast decode: key-length bucket per graph (0 = one)")
     p.add_argument("--budget-s", type=float, help="start no measurement after this many seconds")
     p.add_argument("--fresh", action="store_true", help="do not merge into an existing summary.json")
+    p.add_argument("--merge", nargs="+", metavar="SUMMARY:MODEL[,MODEL]",
+                   help="measure nothing: combine models from earlier runs' summary.json files into --out "
+                        "(later ones win), e.g. --merge a/summary.json:gemma3-27b b/summary.json:qwen2.5-7b")
     a = p.parse_args(argv)
+    if a.merge:
+        if not a.out:
+            raise SystemExit("--merge needs --out")
+        specs = []
+        for item in a.merge:
+            path, _, names = item.rpartition(":")
+            if not path or not names:
+                raise SystemExit(f"--merge {item!r}: expected SUMMARY.json:model[,model]")
+            specs.append((path, [n.strip() for n in names.split(",") if n.strip()]))
+        bench.merge(specs, a.out)
+        print((Path(a.out) / "table.md").read_text())
+        return 0
     models = list(bench.MODELS) if a.model == "all" else [m.strip() for m in a.model.split(",")]
     out = a.out or str(Path(__file__).resolve().parent.parent / "results" / "perf" /
                        (bench.slug(machine_label()) + ("-tiny" if a.tiny else "")))

@@ -754,8 +754,9 @@ def run(models: list[str], out: str | Path, *, tiny: bool = False, device: str =
 
     summary["ceilings"] = measure_ceilings(dev, dt, reps=reps, warmup=warmup)
     update()
+    measured_by = {k: prov[k] for k in ("command", "git_commit", "date", "machine")}
     for name in models:
-        entry = {"status": "running", "settings": settings}
+        entry = {"status": "running", "settings": settings, "measured_by": measured_by}
         summary["models"][name] = entry
         try:
             bench_model(MODELS[name], device=dev, dtype=dt, tiny=tiny, backends=backends, reps=reps, warmup=warmup,
@@ -774,6 +775,47 @@ def run(models: list[str], out: str | Path, *, tiny: bool = False, device: str =
     if figure:
         render_figure(summary, out / "figure.png")
     return summary
+
+
+def merge(specs: list[tuple[str | Path, list[str]]], out: str | Path, *, figure: bool = True) -> dict:
+    """One summary from several runs on the same kind of device: `specs` = [(summary.json, [models
+    to take from it])], later specs win. Each model keeps the ceilings and provenance of the run
+    that measured it (`measured_by`); the tables are re-rendered. Nothing is re-measured."""
+    merged: dict | None = None
+    for src, names in specs:
+        s = json.loads(Path(src).read_text())
+        if s.get("schema") != SCHEMA:
+            raise ValueError(f"{src}: schema {s.get('schema')!r} is not {SCHEMA!r}")
+        if merged is None:
+            merged = {**s, "models": {}, "runs": [], "merged_from": []}
+        elif s.get("tiny") != merged.get("tiny") or s["device"].get("name") != merged["device"].get("name"):
+            raise ValueError(f"{src}: another device or scale ({s['device'].get('name')}, tiny={s.get('tiny')}) "
+                             f"than {merged['device'].get('name')}, tiny={merged.get('tiny')}")
+        run = {k: s["provenance"][k] for k in ("command", "git_commit", "date", "machine")}
+        missing = [n for n in names if n not in s.get("models", {})]
+        if missing:
+            raise ValueError(f"{src}: no model(s) {missing}; it has {sorted(s.get('models', {}))}")
+        for n in names:
+            entry = dict(s["models"][n])
+            entry.setdefault("measured_by", run)
+            merged["models"][n] = entry
+        merged["runs"].append(run)
+        merged["merged_from"].append({"summary": str(src), "models": list(names), **run})
+        # The header shows the newest run's ceilings; each model's own are in ceilings_used.
+        merged.update(provenance=s["provenance"], ceilings=s["ceilings"])
+    if merged is None:
+        raise ValueError("nothing to merge")
+    from .provenance import provenance
+
+    p = provenance(extra={"job": "bench-merge"})
+    merged["merged_by"] = {k: p[k] for k in ("command", "git_commit", "date", "machine")}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "summary.json", merged)
+    (out / "table.md").write_text(render_markdown(merged))
+    if figure:
+        render_figure(merged, out / "figure.png")
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------
@@ -796,6 +838,11 @@ def render_markdown(summary: dict) -> str:
              f"Random-weight models in {summary['dtype']}; {prov['date']}; commit `{prov['git_commit']}`; "
              f"`{prov['command']}`.",
              "",
+             *([f"Merged by `{summary['merged_by']['command']}` ({summary['merged_by']['date']}) from "
+                f"{len(summary['merged_from'])} runs (nothing re-measured); each model's numbers come "
+                "from one run, named in its `measured_by` in summary.json:", ""]
+               + [f"- `{r['command']}` (commit `{r['git_commit']}`, {r['date']}): {', '.join(r['models'])}"
+                  for r in summary["merged_from"]] + [""] if summary.get("merged_from") else []),
              f"Ceilings measured in this process: copy {c['copy_bytes_per_s'] / 1e12:.3g} TB/s (read + write), "
              f"{c['matmul']['dtype']} matmul n={c['matmul']['n']} {c['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s. "
              "Roofline fraction = max(FLOPs / rate, bytes / bandwidth) / measured.",

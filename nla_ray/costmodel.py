@@ -166,14 +166,14 @@ def render_markdown(report: dict) -> str:
              "",
              "## Per explained activation",
              "",
-             "| model | params | AV batch | AV tokens | AV s | AR s | extraction s (recompute) | "
+             "| model | params | AV backend | AV batch | AV tokens | AV s | AR s | extraction s (recompute) | "
              "explanations / GPU-s (hooked) | (recompute) | GPU-h / 1M (hooked) | $ / 1M (hooked) | "
              "$ / 1M (recompute) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in report["models"].items():
         th, pa, pm = m["throughputs"], m["per_activation"], m["per_million_activations"]
         lines.append(
-            f"| {name} | {_g(m['params'] / 1e9) + 'B' if m['params'] else '—'} | {th['av_batch']} | "
+            f"| {name} | {_g(m['params'] / 1e9) + 'B' if m['params'] else '—'} | {th['av_backend']} | {th['av_batch']} | "
             f"{th['av_new_tokens']} | {pa['av_s']:.3g} | {pa['ar_s']:.3g} | {pa['extraction_recompute_s']:.3g} | "
             f"{_g(pa['explanations_per_gpu_s_hooked'])} | {_g(pa['explanations_per_gpu_s_recompute'])} | "
             f"{_g(pm['hooked']['gpu_hours'])} | {_g(pm['hooked']['usd'])} | {_g(pm['recompute']['usd'])} |")

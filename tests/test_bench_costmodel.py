@@ -222,3 +222,20 @@ def test_costmodel_job_on_tiny_bench(tiny_run, tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert "$2.5 per GPU-hour" in table and "T = 1e+07 tok/s" in table
     assert (tmp_path / "figure.png").stat().st_size > 0
+
+
+def test_merge_takes_each_model_from_the_named_run(tiny_run, tmp_path):
+    out, first = tiny_run
+    second = tmp_path / "second"
+    s2 = bench.run(["smollm2-135m"], second, tiny=True, reps=1, warmup=0, backends=["fast"], figure=False)
+    merged = bench.merge([(out / "summary.json", ["gemma3-27b"]), (second / "summary.json", ["smollm2-135m"])],
+                         tmp_path / "merged", figure=False)
+    assert set(merged["models"]) == {"gemma3-27b", "smollm2-135m"}
+    assert merged["models"]["smollm2-135m"] == s2["models"]["smollm2-135m"]  # taken as measured
+    assert merged["models"]["gemma3-27b"]["av"] == first["models"]["gemma3-27b"]["av"]
+    assert merged["models"]["smollm2-135m"]["measured_by"]["date"] == s2["provenance"]["date"]
+    assert [m["models"] for m in merged["merged_from"]] == [["gemma3-27b"], ["smollm2-135m"]]
+    md = (tmp_path / "merged" / "table.md").read_text()
+    assert "Merged by" in md and "nothing re-measured" in md
+    with pytest.raises(ValueError, match="no model"):
+        bench.merge([(second / "summary.json", ["qwen2.5-7b"])], tmp_path / "bad", figure=False)
