@@ -41,6 +41,12 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
+# loop: our KV-cache loop (CPU default); hf: transformers' generate (reference); fast: static cache +
+# CUDA-graph decode (nla_ray.fast_decode); fused: fast with compiled norm/rotary kernels on a GPU
+# (same as fast on a CPU). All but hf give the same rows for the same seeds.
+BACKENDS = ("loop", "hf", "fast", "fused")
+
+
 def gumbel_noise(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     """[B, V] Gumbel noise that depends only on (seed, step, token id) — batch-independent."""
     s = seeds.to(torch.int64)
@@ -91,8 +97,8 @@ class AVEngine:
         # The model's own embedding module: Gemma-3's multiplies by sqrt(d).
         self.embed = model.get_input_embeddings()
         self.max_new_tokens = max_new_tokens
-        if backend not in ("loop", "hf", "fast"):
-            raise ValueError(f"backend {backend!r} not in ('loop', 'hf', 'fast')")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r} not in {BACKENDS}")
         self.backend = backend
         self.vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None \
             else text_config(model.config).vocab_size
@@ -151,7 +157,7 @@ class AVEngine:
                 raise ValueError("sampling (temperature > 0) needs one seed per row; see av.sample_seed")
             if seeds is not None and len(seeds) != n:
                 raise ValueError(f"{len(seeds)} seeds for {n} vectors")
-            if self.backend == "fast":
+            if self.backend in ("fast", "fused"):
                 from .fast_decode import fast_generate  # imports this module, so not at the top
 
                 tokens = fast_generate(self, emb, temperature, seeds, banned_ids, max_new)

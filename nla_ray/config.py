@@ -35,7 +35,7 @@ class AVConfig:
     n_samples: int = 1
     max_new_tokens: int = 150
     banned_chars: list = field(default_factory=list)   # quote ablation: ban tokens containing these
-    backend: str = "loop"
+    backend: str = "loop"     # loop | hf | fast | fused (nla_ray.av.BACKENDS); GPU presets use fused
 
 
 @dataclass
@@ -66,6 +66,7 @@ def _build(cls, data: dict, where: str):
         raise ValueError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(names)}")
     kw = {}
     for k, v in data.items():
+        v = _coerce(names[k], v, f"{where}.{k}")
         if k == "av":
             v = _build(AVConfig, v or {}, f"{where}.av")
         elif k == "pools":
@@ -74,7 +75,38 @@ def _build(cls, data: dict, where: str):
                 raise ValueError(f"{where}.pools: unknown pool(s) {bad}; pools are extract, av, ar")
             v = {p: _build(PoolConfig, (v or {}).get(p) or {}, f"{where}.pools.{p}") for p in ("extract", "av", "ar")}
         kw[k] = v
-    return cls(**kw)
+    out = cls(**kw)
+    if cls is AVConfig:
+        from .av import BACKENDS
+
+        if out.backend not in BACKENDS:
+            raise ValueError(f"{where}.backend: {out.backend!r} is not one of {list(BACKENDS)}")
+    return out
+
+
+def _coerce(f: dataclasses.Field, v: Any, where: str) -> Any:
+    """A value as its field's type (by the default's type): YAML 1.1 reads `1e-3` as a string, and
+    a typo should fail here, naming the field, not deep inside a Ray worker."""
+    default = f.default
+    if default is dataclasses.MISSING or default is None or v is None:
+        return v
+    try:
+        if isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise ValueError
+        elif isinstance(default, float):
+            if isinstance(v, bool):
+                raise ValueError
+            v = float(v)
+        elif isinstance(default, int):
+            if isinstance(v, bool) or float(v) != int(float(v)):
+                raise ValueError
+            v = int(float(v))
+        elif isinstance(default, str) and not isinstance(v, str):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: expected a {type(default).__name__}, got {v!r}") from None
+    return v
 
 
 def _merge(a: dict, b: dict) -> dict:

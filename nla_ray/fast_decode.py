@@ -586,8 +586,11 @@ class _Clock:
 def decoder_for(engine) -> FastDecoder:
     """The engine's FastDecoder, created on first use and kept on the engine."""
     dec = getattr(engine, "_fast_decoder", None)
-    if dec is None or dec.model is not engine.model or dec.stop_ids != [int(i) for i in engine.stop_ids]:
-        dec = FastDecoder(engine.model, stop_ids=engine.stop_ids)
+    # Fused kernels come from inductor, which needs a GPU (or a C++ toolchain): only on CUDA.
+    fuse = True if engine.backend == "fused" and next(engine.model.parameters()).is_cuda else None
+    if dec is None or dec.model is not engine.model or dec.stop_ids != [int(i) for i in engine.stop_ids] \
+            or dec.fuse != (fuse and "inductor"):
+        dec = FastDecoder(engine.model, stop_ids=engine.stop_ids, fuse=fuse)
         engine._fast_decoder = dec
     return dec
 

@@ -15,6 +15,7 @@ summary shows that the pools overlapped in time.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import socket
@@ -261,14 +262,65 @@ def init_ray(address: str | None, cfg: NLAConfig):
     return ray
 
 
+# Config fields that change what a row holds; the rest (n, n_docs, pools' sizes, bootstrap...) only
+# change how many rows there are or how fast they come, so finished rows stay valid across them.
+ROW_FIELDS = ("pair", "base", "layer", "corpus", "positions_per_doc", "seed", "max_length", "av")
+_HASH_LIMIT = 64 << 20  # files above this (27B shards) are identified by name and size only
+
+
+def _dir_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    root = Path(path)
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(root)}\0{size}\0".encode())
+        if size <= _HASH_LIMIT:
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def run_fingerprint(cfg: NLAConfig) -> dict:
+    """What the rows of a run depend on: the row-shaping config and the pair's files."""
+    from . import pairs
+
+    d = cfg.to_dict()
+    fp = {k: d[k] for k in ROW_FIELDS}
+    fp["dtypes"] = {name: pool["dtype"] for name, pool in d["pools"].items()}
+    dirs = pairs.resolve_pair(cfg.pair)
+    fp["pair_files"] = {"av": _dir_digest(dirs.av), "ar": _dir_digest(dirs.ar)}
+    return json.loads(json.dumps(fp, default=str))
+
+
+class RunMismatch(ValueError):
+    """The output dir holds rows made with another pair or row-shaping config."""
+
+
+def _check_resume(rows_dir: Path, fp: dict) -> None:
+    f = rows_dir / "RUN.json"
+    has_rows = any(rows_dir.glob("part-*.parquet"))
+    old = json.loads(f.read_text()) if f.is_file() else None
+    if has_rows and old != fp:
+        if old is None:
+            what = "no RUN.json (rows from an older nla_ray)"
+        else:
+            changed = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
+            what = "; ".join(f"{k}: {old.get(k)!r} -> {fp.get(k)!r}"[:200] for k in changed)
+        raise RunMismatch(f"{rows_dir} holds rows of a different run ({what}). Rerun with --fresh to discard "
+                          "them, or pass another --out.")
+    if not has_rows or old is None:
+        write_json(f, fp)
+
+
 def run(cfg: NLAConfig, docs: list, out_dir: Path, *, address: str | None = None, fresh: bool = False,
         log=print) -> RunInfo:
-    """Run the three pools over `docs` (Document objects), resuming from `out_dir/rows`."""
+    """Run the three pools over `docs` (Document objects), resuming from `out_dir/rows` when its
+    rows were made with the same pair files and row-shaping config (else `RunMismatch`)."""
     rows_dir = out_dir / "rows"
     if fresh and rows_dir.exists():
-        for f in rows_dir.glob("part-*.parquet"):
-            f.unlink()
+        for f in [*rows_dir.glob("part-*.parquet"), rows_dir / "RUN.json"]:
+            f.unlink(missing_ok=True)
     rows_dir.mkdir(parents=True, exist_ok=True)
+    _check_resume(rows_dir, run_fingerprint(cfg))
     info = RunInfo(docs_total=len(docs))
     done = completed_docs(read_parts(rows_dir), cfg.av.n_samples)
     todo = [d for d in docs if d.doc_id not in done]

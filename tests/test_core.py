@@ -924,3 +924,16 @@ def test_git_commit_prefers_the_submitters_commit(monkeypatch):
     monkeypatch.delenv("NLA_RAY_GIT_COMMIT")
     got = provenance.git_commit()
     assert got == "unknown" or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", got)
+
+
+def test_config_values_take_their_field_types_and_bad_ones_name_the_field():
+    from nla_ray.config import load_config
+
+    c = load_config("mini", overrides=["av.temperature=1e-3", "bootstrap=200", "pools.av.num_gpus=1"])
+    assert c.av.temperature == 1e-3 and isinstance(c.av.temperature, float)
+    assert c.bootstrap == 200 and isinstance(c.pools["av"].num_gpus, float)
+    for bad, field in [("bootstrap=lots", "bootstrap"), ("seed=1.5", "seed"), ("pools.av.concurrency=two", "concurrency"),
+                       ("av.backend=turbo", "av.backend")]:
+        with pytest.raises(ValueError, match=field):
+            load_config("mini", overrides=[bad])
+    assert load_config("paper-gemma27b-L41").av.backend == "fused"

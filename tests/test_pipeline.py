@@ -72,3 +72,25 @@ def test_config_errors_name_the_field():
         load_config("nope")
     c = load_config("mini", overrides=["av.temperature=1.0", "pools.av.num_gpus=0.5"])
     assert c.av.temperature == 1.0 and c.pools["av"].num_gpus == 0.5
+
+
+def test_resume_refuses_rows_of_another_run(tmp_path):
+    """Rows made with another pair or row-shaping config must not be mixed into a resumed run."""
+    from nla_ray.config import load_config
+
+    cfg = load_config("mini")
+    fp = pipeline.run_fingerprint(cfg)
+    assert set(fp) >= {"pair", "av", "layer", "pair_files", "dtypes"}
+    assert fp == pipeline.run_fingerprint(load_config("mini", overrides=["n_docs=3", "bootstrap=10"]))
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    pipeline._check_resume(rows, fp)  # empty dir: records the fingerprint
+    assert json.loads((rows / "RUN.json").read_text()) == fp
+    (rows / "part-0.parquet").write_bytes(b"")
+    pipeline._check_resume(rows, fp)  # same run: fine
+    other = pipeline.run_fingerprint(load_config("mini", overrides=["av.temperature=1.0"]))
+    with pytest.raises(pipeline.RunMismatch, match="av:.*--fresh"):
+        pipeline._check_resume(rows, other)
+    (rows / "RUN.json").unlink()
+    with pytest.raises(pipeline.RunMismatch, match="no RUN.json"):
+        pipeline._check_resume(rows, fp)
