@@ -26,8 +26,10 @@ def git_commit() -> str:
                              text=True, timeout=10).stdout.strip()
         if not re.fullmatch(r"[0-9a-f]{40}", sha):
             return "unknown"  # no repository here (a copied working tree prints 'HEAD' or nothing)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        # results/ is excluded: a job regenerating its own tracked outputs does not make the code dirty.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)results"], cwd=_REPO, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
