@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from nla_ray import pairs, sources, targets, train  # noqa: E402
 from nla_ray.corpora import PackagedBBCNews  # noqa: E402
@@ -38,28 +37,9 @@ from nla_ray.models import load_causal_lm, resolve_device  # noqa: E402
 from nla_ray.pipeline import write_json  # noqa: E402
 from nla_ray.provenance import provenance  # noqa: E402
 from nla_ray.sidecar import write_sidecar  # noqa: E402
+from nla_ray.typed import set_fields  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _typed(default, text: str, what: str):
-    """A --set value as the field's type: YAML alone reads '7e-4' as a string (1.1 floats need a dot)."""
-    val = yaml.safe_load(text)
-    try:
-        if isinstance(default, bool):
-            if not isinstance(val, bool):
-                raise ValueError(text)
-        elif isinstance(default, float):
-            val = float(val)
-        elif isinstance(default, int):
-            if isinstance(val, bool) or float(val) != int(float(val)):
-                raise ValueError(text)
-            val = int(val)
-        elif isinstance(default, str):
-            val = str(val)
-    except (TypeError, ValueError):
-        raise SystemExit(f"{what}={text!r}: expected a {type(default).__name__}") from None
-    return val
 
 
 def _save_adapter(peft_model, directory: Path) -> None:
@@ -105,7 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float,
                    help="wall-clock budget: ar/av checkpoint and exit 75 when it is spent, grpo stops early")
     a = p.parse_args(argv)
-    deadline = time.time() + a.budget_s if a.budget_s else None
+    deadline = time.time() + a.budget_s if a.budget_s is not None else None
     try:
         return _run(a, deadline)
     except train.Paused as e:
@@ -116,11 +96,12 @@ def main(argv=None) -> int:
 def _run(a, deadline) -> int:
 
     cfg = train.TrainConfig(family=a.family)
-    for item in a.set:
-        k, v = item.split("=", 1)
-        if not hasattr(cfg, k):
-            raise SystemExit(f"--set: unknown TrainConfig field {k!r}; fields: {sorted(vars(cfg))}")
-        setattr(cfg, k, _typed(getattr(cfg, k), v, f"--set {k}"))
+    try:
+        set_fields(cfg, a.set, "--set")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if cfg.target_recipe not in targets.RECIPES:
+        raise SystemExit(f"--set target_recipe: {cfg.target_recipe!r} is not one of {sorted(targets.RECIPES)}")
     fam = pairs.MINI_PAIRS[a.family]
     K = fam["layer"]
     work = Path(a.work) if a.work else sources.cache_root() / "train" / a.family
@@ -151,7 +132,9 @@ def _run(a, deadline) -> int:
                            max_length=cfg.max_length, log=log)
         ev = train.collect(model, tok, ev_docs, K, positions_per_doc=cfg.eval_positions_per_doc, seed=cfg.seed,
                            max_length=cfg.max_length, log=log)
-        torch.save({"train": tr, "eval": ev}, data_f)
+        tmp = data_f.with_name(data_f.name + ".tmp")  # a run killed mid-save must not leave half a file
+        torch.save({"train": tr, "eval": ev}, tmp)
+        tmp.replace(data_f)
         del model
         timings["collect_s"] = round(time.time() - t0, 1)
     if not data_f.is_file():
@@ -239,7 +222,10 @@ def _run(a, deadline) -> int:
                    "config": train.config_dict(cfg), "injection_scale": inj_scale, "var_train": var_train,
                    "train_rows": len(tr), "train_docs": len({r["doc_id"] for r in tr}),
                    "heldout": {k: v for k, v in ev_res.items() if k != "examples"},
-                   "examples": ev_res["examples"], "curves": curves, "timings": timings,
+                   "examples": ev_res["examples"], "curves": curves,
+                   # timings: this invocation's phases; training_s: each phase in total, across resumed calls
+                   "timings": timings,
+                   "training_s": {k: (curves.get(k) or [{}])[-1].get("s") for k in ("ar", "av")},
                    "pair_dir": str(pair_out.relative_to(REPO)) if pair_out.is_relative_to(REPO) else str(pair_out),
                    "pair_bytes": size, "target_recipe": {"name": cfg.target_recipe,
                                                          **targets.RECIPES[cfg.target_recipe],
@@ -267,18 +253,17 @@ def _grpo_phase(a, cfg, tok, res, dev, tr, ev, work: Path, pair_out: Path, resul
     if not (results / "summary.json").is_file():
         raise SystemExit("grpo reports before/after: run the eval phase first")
     gcfg = grpo.GRPOConfig(max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed)
-    for item in a.grpo:
-        k, v = item.split("=", 1)
-        if not hasattr(gcfg, k):
-            raise SystemExit(f"--grpo: unknown GRPOConfig field {k!r}; fields: {sorted(vars(gcfg))}")
-        setattr(gcfg, k, _typed(getattr(gcfg, k), v, f"--grpo {k}"))
+    try:
+        set_fields(gcfg, a.grpo, "--grpo")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     base = load_causal_lm(res.path, device=dev, dtype=torch.float32)
     peft_m = PeftModel.from_pretrained(base, str(pair_out / "av" / "adapter"), is_trainable=True)
     av = AVEngine(peft_m.base_model.model, tok, read_sidecar(pair_out / "av"), max_new_tokens=cfg.eval_max_new_tokens)
     ar = pairs.load_ar(pair_out / "ar", device=str(dev), dtype="float32")
     t0 = time.time()
     # Leave room for the held-out evaluation after training (about as long as the eval phase took).
-    stop_at = deadline - 120 if deadline else None
+    stop_at = deadline - 120 if deadline is not None else None
     curve = grpo.grpo_train(av, ar, tr, gcfg, log=log, deadline=stop_at)
     train_s = round(time.time() - t0, 1)
     out = work / "av_grpo" / "adapter"
@@ -287,7 +272,7 @@ def _grpo_phase(a, cfg, tok, res, dev, tr, ev, work: Path, pair_out: Path, resul
     _save_adapter(peft_m, out)
     after = train.evaluate(av, ar, ev, batch=64, max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed, log=log)
     before = json.loads((results / "summary.json").read_text())["heldout"]
-    promoted = bool(a.promote_grpo and after["fve_own"] > before["fve_own"])
+    promoted = bool(a.promote_grpo and curve and after["fve_own"] > before["fve_own"])
     if promoted:
         shutil.rmtree(pair_out / "av" / "adapter")
         shutil.copytree(out, pair_out / "av" / "adapter", ignore=shutil.ignore_patterns("README.md"))

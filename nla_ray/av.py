@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import templates as T
+from .config import AV_BACKENDS as BACKENDS  # the backends are documented there
 from .models import text_config
 from .sidecar import NlaMeta
 
@@ -39,12 +40,6 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
     x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
     return (x >> 16) ^ x
-
-
-# loop: our KV-cache loop (CPU default); hf: transformers' generate (reference); fast: static cache +
-# CUDA-graph decode (nla_ray.fast_decode); fused: fast with compiled norm/rotary kernels on a GPU
-# (same as fast on a CPU). All but hf give the same rows for the same seeds.
-BACKENDS = ("loop", "hf", "fast", "fused")
 
 
 def gumbel_noise(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:

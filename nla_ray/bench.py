@@ -788,9 +788,11 @@ def merge(specs: list[tuple[str | Path, list[str]]], out: str | Path, *, figure:
             raise ValueError(f"{src}: schema {s.get('schema')!r} is not {SCHEMA!r}")
         if merged is None:
             merged = {**s, "models": {}, "runs": [], "merged_from": []}
-        elif s.get("tiny") != merged.get("tiny") or s["device"].get("name") != merged["device"].get("name"):
-            raise ValueError(f"{src}: another device or scale ({s['device'].get('name')}, tiny={s.get('tiny')}) "
-                             f"than {merged['device'].get('name')}, tiny={merged.get('tiny')}")
+        elif (s.get("tiny"), s["device"].get("name"), s.get("dtype")) != \
+                (merged.get("tiny"), merged["device"].get("name"), merged.get("dtype")):
+            raise ValueError(f"{src}: another device, scale or dtype ({s['device'].get('name')}, tiny={s.get('tiny')}, "
+                             f"{s.get('dtype')}) than {merged['device'].get('name')}, tiny={merged.get('tiny')}, "
+                             f"{merged.get('dtype')}")
         run = {k: s["provenance"][k] for k in ("command", "git_commit", "date", "machine")}
         missing = [n for n in names if n not in s.get("models", {})]
         if missing:

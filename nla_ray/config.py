@@ -17,6 +17,14 @@ from typing import Any
 
 import yaml
 
+from .typed import coerce, field_types
+
+# loop: our KV-cache loop (CPU default); hf: transformers' generate (reference); fast: static cache +
+# CUDA-graph decode (nla_ray.fast_decode); fused: fast with compiled norm/rotary kernels on a GPU
+# (fast on a CPU). loop and fast give the same rows for the same seeds; fused may differ where
+# compiled kernels round differently (bf16 near-ties); hf samples with its own RNG.
+AV_BACKENDS = ("loop", "hf", "fast", "fused")
+
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
@@ -35,7 +43,7 @@ class AVConfig:
     n_samples: int = 1
     max_new_tokens: int = 150
     banned_chars: list = field(default_factory=list)   # quote ablation: ban tokens containing these
-    backend: str = "loop"     # loop | hf | fast | fused (nla_ray.av.BACKENDS); GPU presets use fused
+    backend: str = "loop"     # one of AV_BACKENDS; the GPU presets use fused
 
 
 @dataclass
@@ -61,12 +69,13 @@ class NLAConfig:
 
 def _build(cls, data: dict, where: str):
     names = {f.name: f for f in dataclasses.fields(cls)}
+    hints = field_types(cls)
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(names)}")
     kw = {}
     for k, v in data.items():
-        v = _coerce(names[k], v, f"{where}.{k}")
+        v = coerce(hints[k], v, f"{where}.{k}")
         if k == "av":
             v = _build(AVConfig, v or {}, f"{where}.av")
         elif k == "pools":
@@ -77,36 +86,9 @@ def _build(cls, data: dict, where: str):
         kw[k] = v
     out = cls(**kw)
     if cls is AVConfig:
-        from .av import BACKENDS
-
-        if out.backend not in BACKENDS:
-            raise ValueError(f"{where}.backend: {out.backend!r} is not one of {list(BACKENDS)}")
+        if out.backend not in AV_BACKENDS:
+            raise ValueError(f"{where}.backend: {out.backend!r} is not one of {list(AV_BACKENDS)}")
     return out
-
-
-def _coerce(f: dataclasses.Field, v: Any, where: str) -> Any:
-    """A value as its field's type (by the default's type): YAML 1.1 reads `1e-3` as a string, and
-    a typo should fail here, naming the field, not deep inside a Ray worker."""
-    default = f.default
-    if default is dataclasses.MISSING or default is None or v is None:
-        return v
-    try:
-        if isinstance(default, bool):
-            if not isinstance(v, bool):
-                raise ValueError
-        elif isinstance(default, float):
-            if isinstance(v, bool):
-                raise ValueError
-            v = float(v)
-        elif isinstance(default, int):
-            if isinstance(v, bool) or float(v) != int(float(v)):
-                raise ValueError
-            v = int(float(v))
-        elif isinstance(default, str) and not isinstance(v, str):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: expected a {type(default).__name__}, got {v!r}") from None
-    return v
 
 
 def _merge(a: dict, b: dict) -> dict:

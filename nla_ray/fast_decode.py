@@ -168,14 +168,22 @@ def _fused(model, backend: str | None):
     import sys
 
     patched, modules = [], {}
+    stack = contextlib.ExitStack()
     try:
+        # Norms of several ranks (hidden, q/k heads) x batch/length 1 specialisations can exceed
+        # dynamo's default of 8 graphs per function, after which it would quietly run eager.
+        cfg = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, name):
+                stack.enter_context(cfg.patch(**{name: max(64, getattr(cfg, name))}))
+                break
         for m in model.modules():
             name = type(m).__name__
             if name in _GEMMA_NORMS or name in _LLAMA_NORMS:
                 fn = _compiled(_norm_gemma if name in _GEMMA_NORMS else _norm_llama, backend)
                 eps = float(getattr(m, "eps", getattr(m, "variance_epsilon", 1e-6)))
+                patched.append((m, m.__dict__.get("forward")))  # an instance forward (e.g. a hook) comes back
                 m.forward = functools.partial(fn, w=m.weight, eps=eps)
-                patched.append(m)
             mod = sys.modules.get(type(m).__module__)
             if mod is not None and callable(getattr(mod, "apply_rotary_pos_emb", None)):
                 modules.setdefault(mod.__name__, (mod, mod.apply_rotary_pos_emb))
@@ -183,10 +191,14 @@ def _fused(model, backend: str | None):
             mod.apply_rotary_pos_emb = _compiled(orig, backend)
         yield
     finally:
-        for m in patched:
-            m.__dict__.pop("forward", None)
+        for m, prev in patched:
+            if prev is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = prev
         for mod, orig in modules.values():
             mod.apply_rotary_pos_emb = orig
+        stack.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,6 +489,7 @@ class FastDecoder:
         # fuse: True = torch.compile's default backend (inductor); a string names another backend
         # (tests use "aot_eager", which needs no compiler); None/False = plain eager kernels.
         self.fuse = ("inductor" if fuse is True else fuse) or None
+        self.fuse_error: str | None = None
         self.session: _Session | None = None
         self.last: dict = {}
 
@@ -499,11 +512,31 @@ class FastDecoder:
         self.session = s
         return s
 
+    def generate(self, emb: torch.Tensor, **kw) -> torch.Tensor:
+        """[B, T, d] prompt embeddings -> [B, n_steps] token ids; see `_generate` for the keywords.
+
+        With `fuse`, a failure to compile the fused kernels (no Triton, an inductor error) drops
+        this decoder to the plain fast path once, with the reason kept in `fuse_error` and a
+        warning, rather than ending the caller's run."""
+        if not self.fuse:
+            return self._generate(emb, **kw)
+        try:
+            return self._generate(emb, **kw)
+        except Exception as e:  # noqa: BLE001
+            if "out of memory" in str(e).lower():
+                raise
+            import warnings
+
+            self.fuse_error = f"{type(e).__name__}: {e}"[:500]
+            warnings.warn(f"fused decode kernels failed, using the plain fast path: {self.fuse_error}")
+            self.fuse, self.session = None, None
+            return self._generate(emb, **kw)
+
     @torch.no_grad()
-    def generate(self, emb: torch.Tensor, *, temperature: float = 0.0, seeds: Sequence[int] | None = None,
-                 banned_ids: Sequence[int] | None = None, max_new: int,
-                 on_check: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
-                 timing: bool = False) -> torch.Tensor:
+    def _generate(self, emb: torch.Tensor, *, temperature: float = 0.0, seeds: Sequence[int] | None = None,
+                  banned_ids: Sequence[int] | None = None, max_new: int,
+                  on_check: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+                  timing: bool = False) -> torch.Tensor:
         """[B, T, d] prompt embeddings -> [B, n_steps] token ids (device tensor).
 
         `on_check(tokens[B, s+1], done[B])` runs at every check point and may return extra rows

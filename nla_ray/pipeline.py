@@ -285,7 +285,8 @@ def run_fingerprint(cfg: NLAConfig) -> dict:
 
     d = cfg.to_dict()
     fp = {k: d[k] for k in ROW_FIELDS}
-    fp["dtypes"] = {name: pool["dtype"] for name, pool in d["pools"].items()}
+    # "auto" resolves to bf16 on a GPU and fp32 on a CPU: record which of the two each pool gets.
+    fp["dtypes"] = {name: [pool["dtype"], "gpu" if pool["num_gpus"] else "cpu"] for name, pool in d["pools"].items()}
     dirs = pairs.resolve_pair(cfg.pair)
     fp["pair_files"] = {"av": _dir_digest(dirs.av), "ar": _dir_digest(dirs.ar)}
     return json.loads(json.dumps(fp, default=str))

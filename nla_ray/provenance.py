@@ -14,25 +14,27 @@ from pathlib import Path
 _REPO = Path(__file__).resolve().parent.parent
 
 
-def git_commit() -> str:
-    """The commit that ran: $NLA_RAY_GIT_COMMIT when the submitter sets it (a `ray job submit` or
-    device working dir is a copy whose .git, if any, need not be the one the code came from), else
-    HEAD of the checkout (suffix '+dirty' when tracked files differ), else 'unknown'."""
-    given = os.environ.get("NLA_RAY_GIT_COMMIT", "").strip()
-    if given:
-        return given
+def _checkout_commit() -> str | None:
+    """HEAD of the checkout this code sits in (suffix '+dirty' when tracked code differs), or None."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True,
                              text=True, timeout=10).stdout.strip()
         if not re.fullmatch(r"[0-9a-f]{40}", sha):
-            return "unknown"  # no repository here (a copied working tree prints 'HEAD' or nothing)
+            return None  # no repository here (a copied working tree prints 'HEAD' or nothing)
         # results/ is excluded: a job regenerating its own tracked outputs does not make the code dirty.
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
                                 ":(exclude)results"], cwd=_REPO, capture_output=True, text=True,
                                timeout=10).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+
+
+def git_commit() -> str:
+    """The commit that ran: $NLA_RAY_GIT_COMMIT when the submitter sets it (a `ray job submit` or
+    device working dir is a copy whose .git, if any, need not be the one the code came from), else
+    the checkout's HEAD, else 'unknown'. `provenance()` records which of the two it was."""
+    return os.environ.get("NLA_RAY_GIT_COMMIT", "").strip() or _checkout_commit() or "unknown"
 
 
 def machine() -> dict:
@@ -73,6 +75,11 @@ def provenance(preset: str | None = None, extra: dict | None = None) -> dict:
         "machine_detail": info,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if os.environ.get("NLA_RAY_GIT_COMMIT", "").strip():
+        out["git_commit_from"] = "NLA_RAY_GIT_COMMIT"
+        checkout = _checkout_commit()
+        if checkout and checkout != out["git_commit"]:
+            out["git_checkout"] = checkout  # what the local .git says, for the record
     if extra:
         out.update(extra)
     return out

@@ -80,12 +80,30 @@ def _ckpt_file(ckpt_dir) -> Path | None:
     return Path(ckpt_dir) / "resume.pt" if ckpt_dir else None
 
 
-def _load_resume(ckpt_dir, named: dict, head, opt, log) -> tuple[int, list, float]:
+def _resume_key(cfg: TrainConfig, rows: list[dict], steps: int) -> dict:
+    """What a checkpoint is only valid for: the config, the data (its targets) and the step count."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(f"{r.get('doc_id')}|{r.get('position')}|{r['target']}\n".encode())
+    return {"config": config_dict(cfg), "rows": len(rows), "targets_sha256": h.hexdigest(), "steps": steps}
+
+
+def _load_resume(ckpt_dir, named: dict, head, opt, log, key: dict) -> tuple[int, list, float]:
     """(start step, curve so far, seconds already spent) — (0, [], 0) when there is no checkpoint."""
     f = _ckpt_file(ckpt_dir)
     if f is None or not f.is_file():
         return 0, [], 0.0
     st = torch.load(f, map_location="cpu", weights_only=False)
+    if st.get("key") != key:
+        old = st.get("key") or {}
+        diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+        if "config" in diff:
+            oc, nc = old.get("config") or {}, key["config"]
+            diff += [f"config.{k}" for k in sorted(set(oc) | set(nc)) if oc.get(k) != nc.get(k)]
+        raise ValueError(f"{f}: checkpoint of another training run (differs in {diff}); delete it to start "
+                         "this phase over")
     missing = set(named) ^ set(st["params"])
     if missing:
         raise ValueError(f"{f}: checkpoint parameters do not match this model ({sorted(missing)[:3]} ...)")
@@ -99,11 +117,11 @@ def _load_resume(ckpt_dir, named: dict, head, opt, log) -> tuple[int, list, floa
     return int(st["step"]), list(st["curve"]), float(st["elapsed_s"])
 
 
-def _save_resume(ckpt_dir, step: int, named: dict, head, opt, curve: list, elapsed_s: float) -> Path:
+def _save_resume(ckpt_dir, step: int, named: dict, head, opt, curve: list, elapsed_s: float, key: dict) -> Path:
     f = _ckpt_file(ckpt_dir)
     f.parent.mkdir(parents=True, exist_ok=True)
     tmp = f.with_name(f.name + ".tmp")
-    torch.save({"step": step, "params": {n: p.detach().cpu() for n, p in named.items()},
+    torch.save({"key": key, "step": step, "params": {n: p.detach().cpu() for n, p in named.items()},
                 "head": head.state_dict() if head is not None else None, "opt": opt.state_dict(),
                 "curve": curve, "elapsed_s": elapsed_s}, tmp)
     tmp.replace(f)
@@ -111,12 +129,12 @@ def _save_resume(ckpt_dir, step: int, named: dict, head, opt, curve: list, elaps
 
 
 def _maybe_pause(step: int, start: int, deadline: float | None, ckpt_dir, named, head, opt, curve,
-                 elapsed_s: float, phase: str) -> None:
+                 elapsed_s: float, phase: str, key: dict) -> None:
     if deadline is None or step == start or time.time() < deadline:
         return
     if ckpt_dir is None:
         raise ValueError(f"{phase}: a deadline needs a checkpoint directory to pause into")
-    f = _save_resume(ckpt_dir, step, named, head, opt, curve, elapsed_s)
+    f = _save_resume(ckpt_dir, step, named, head, opt, curve, elapsed_s, key)
     raise Paused(f"{phase} paused at step {step} (checkpoint {f}); run the same command again to resume")
 
 
@@ -196,6 +214,7 @@ def train_ar(model, tok, meta_ar, rows: list[dict], cfg: TrainConfig, log=print,
 
     K = meta_ar.layer
     dev = next(model.parameters()).device
+    torch.manual_seed(cfg.seed)  # the LoRA init must not depend on what ran before in this process
     peft = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                             target_modules=LORA_TARGETS, layers_to_transform=list(range(K + 1))))
     bb = backbone_from_model(peft.base_model.model, K + 1)
@@ -213,11 +232,12 @@ def train_ar(model, tok, meta_ar, rows: list[dict], cfg: TrainConfig, log=print,
     gold_all = np.stack([r["vector"] for r in rows]).astype(np.float32)
     order = np.concatenate([rng.permutation(n) for _ in range(int(math.ceil(cfg.ar_epochs)) + 1)])
     named = {n: p for n, p in peft.named_parameters() if p.requires_grad}
-    start, curve, spent = _load_resume(ckpt_dir, named, engine.head, opt, log)
+    key = _resume_key(cfg, rows, steps)
+    start, curve, spent = _load_resume(ckpt_dir, named, engine.head, opt, log, key)
     t0 = time.time() - spent
     peft.train()
     for step in range(start, steps):
-        _maybe_pause(step, start, deadline, ckpt_dir, named, engine.head, opt, curve, time.time() - t0, "ar")
+        _maybe_pause(step, start, deadline, ckpt_dir, named, engine.head, opt, curve, time.time() - t0, "ar", key)
         idx = order[step * cfg.ar_batch:(step + 1) * cfg.ar_batch]
         ids, mask, last = engine.encode([rows[i]["target"] for i in idx])
         h = bb(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).last_hidden_state
@@ -268,6 +288,7 @@ def train_av(model, tok, meta_av, rows: list[dict], cfg: TrainConfig, log=print,
     from peft import LoraConfig, get_peft_model
 
     dev = next(model.parameters()).device
+    torch.manual_seed(cfg.seed + 1)
     peft = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                             target_modules=LORA_TARGETS))
     inner = peft.base_model.model
@@ -287,11 +308,12 @@ def train_av(model, tok, meta_av, rows: list[dict], cfg: TrainConfig, log=print,
     P = len(engine.prompt_ids)
     dec = decoder_of(inner)
     named = {n: p for n, p in peft.named_parameters() if p.requires_grad}
-    start, curve, spent = _load_resume(ckpt_dir, named, None, opt, log)
+    key = _resume_key(cfg, rows, steps)
+    start, curve, spent = _load_resume(ckpt_dir, named, None, opt, log, key)
     t0 = time.time() - spent
     peft.train()
     for step in range(start, steps):
-        _maybe_pause(step, start, deadline, ckpt_dir, named, None, opt, curve, time.time() - t0, "av")
+        _maybe_pause(step, start, deadline, ckpt_dir, named, None, opt, curve, time.time() - t0, "av", key)
         idx = order[step * cfg.av_batch:(step + 1) * cfg.av_batch]
         L = max(len(tgt_ids[i]) for i in idx)
         tgt = torch.full((len(idx), L), eot, dtype=torch.long)

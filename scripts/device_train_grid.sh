@@ -24,13 +24,21 @@ export PYTHONPATH=/tmp/site2:$PWD NLA_RAY_GGUF_DIR=${NLA_RAY_GGUF_DIR:-/root/nla
 export NLA_RAY_CACHE=${NLA_RAY_CACHE:-/root/nla_cache}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 TOKENIZERS_PARALLELISM=false
 
+pack() {  # NAME: what a finished variant has, into $OUT (done as each finishes: a cut call keeps it)
+  [ -n "${OUT:-}" ] && [ -f "$R/res/$1/summary.json" ] && tar czf "$OUT/$1.tgz" -C "$R" "pair/$1" "res/$1" "logs/$1.log"
+  return 0
+}
+
 run_variant() {  # NAME FAMILY BUDGET_S ARGS...
   local name=$1 family=$2 budget=$3; shift 3
   # The hard stop is a last resort (a phase that overruns loses its work since its last checkpoint);
   # the budget makes phases pause in time, and the eval after a phase that just finished is short.
-  timeout --signal=TERM "$(( budget + 150 ))" "$PY" jobs/train_mini_nla.py --family "$family" --work "$R/work/$name" --pair-out "$R/pair/$name" \
+  # It stays inside HARD_S (default 560: a device call ends at 600 s) so packing still happens.
+  local hard=$(( budget + 150 )); [ "$hard" -gt "${HARD_S:-560}" ] && hard=${HARD_S:-560}
+  timeout --signal=TERM "$hard" "$PY" jobs/train_mini_nla.py --family "$family" --work "$R/work/$name" --pair-out "$R/pair/$name" \
     --results "$R/res/$name" --budget-s "$budget" "$@" < /dev/null >> "$R/logs/$name.log" 2>&1
   echo "[grid] $name exit $?" | tee -a "$R/logs/$name.log"
+  pack "$name"
 }
 
 END=$(( $(date +%s) + ${BUDGET%.*} ))
@@ -52,7 +60,8 @@ grpo_best() {
     [ -z "${name:-}" ] || [ "${name:0:1}" = "#" ] && continue
     fve=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['heldout']['fve_own'])" \
           "$R/res/$name/summary.json" 2>/dev/null) || continue
-    [ -f "$R/res/$name/grpo.json" ] && { echo "[grid] $family: GRPO already ran on $name"; BEST_FVE[$family]=done; }
+    [ -f "$R/res/$name/grpo.json" ] && { echo "[grid] $family: GRPO already ran on $name"; BEST_FVE[$family]=done
+                                         unset "BEST[$family]"; }
     [ "${BEST_FVE[$family]:-}" = done ] && continue
     if [ -z "${BEST_FVE[$family]:-}" ] || "$PY" -c "import sys; sys.exit(not float(sys.argv[1]) > float(sys.argv[2]))" \
          "$fve" "${BEST_FVE[$family]}"; then
@@ -76,9 +85,6 @@ case "$MODE" in
 esac
 for f in "$R"/logs/*.log; do echo "== $f"; grep -E "^\[(ar|av|grpo)\] step|paused|resume|fve_own\"|grid|Error|error" "$f" | tail -4; done
 if [ -n "${OUT:-}" ]; then
-  for d in "$R"/res/*/; do
-    name=$(basename "$d")
-    [ -f "$d/summary.json" ] && tar czf "$OUT/$name.tgz" -C "$R" "pair/$name" "res/$name" "logs/$name.log"
-  done
+  for d in "$R"/res/*/; do pack "$(basename "$d")"; done
   tar czf "$OUT/logs.tgz" -C "$R" logs
 fi

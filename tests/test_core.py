@@ -937,3 +937,20 @@ def test_config_values_take_their_field_types_and_bad_ones_name_the_field():
         with pytest.raises(ValueError, match=field):
             load_config("mini", overrides=[bad])
     assert load_config("paper-gemma27b-L41").av.backend == "fused"
+
+
+def test_typed_coercion_edges():
+    from nla_ray.config import load_config
+    from nla_ray.typed import coerce, coerce_text
+
+    c = load_config("mini", overrides=["var_train=1e-3", "n=null", "seed=12345678901234567891"])
+    assert c.var_train == 1e-3 and c.n is None and c.seed == 12345678901234567891
+    for bad, field in [("layer=null", "layer"), ("seed=.inf", "seed"), ("seed=true", "seed"),
+                       ("av.temperature=yes", "temperature")]:
+        with pytest.raises(ValueError, match=field):
+            load_config("mini", overrides=[bad])
+    assert coerce(int, "1e3", "x") == 1000 and coerce(float, 3, "x") == 3.0
+    assert coerce_text(str, "010", "x") == "010"  # text fields keep the text
+    assert coerce_text(int | None, "null", "x") is None
+    with pytest.raises(ValueError, match="expected a float"):
+        coerce_text(float, "true", "x")

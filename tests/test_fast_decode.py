@@ -231,3 +231,15 @@ def test_fused_norms_and_rotary_give_the_same_tokens_and_are_undone(engine):
     assert torch.equal(fused, plain)
     assert seen.get("rotary", 0) > 0  # the compiled wrapper called through to the model's rotary
     assert norms and all("forward" not in m.__dict__ for m in norms)
+
+
+def test_fused_failure_falls_back_to_the_plain_fast_path(engine):
+    emb = _emb(engine, 2, seed=14)
+    plain = FastDecoder(engine.model, stop_ids=(), kv_bucket=8).generate(emb, max_new=5)
+    dec = FastDecoder(engine.model, stop_ids=(), kv_bucket=8, fuse="no_such_backend")
+    with pytest.warns(UserWarning, match="fused decode kernels failed"):
+        got = dec.generate(emb, max_new=5)
+    assert torch.equal(got, plain)
+    assert dec.fuse is None and "no_such_backend" in dec.fuse_error
+    norms = [m for m in engine.model.modules() if type(m).__name__.endswith("RMSNorm")]
+    assert all("forward" not in m.__dict__ for m in norms)

@@ -394,14 +394,25 @@ def test_deadline_without_checkpoint_dir_is_refused(tiny_llama, smollm_tok):
                        _cfg(ar_epochs=2.0, ar_batch=8), log=_quiet, deadline=0.0)
 
 
-def test_resume_checkpoint_from_another_model_is_refused(tiny_llama, smollm_tok, tmp_path):
+def test_resume_checkpoint_of_another_run_is_refused(tiny_llama, smollm_tok, tmp_path):
     d = tiny_llama.config.hidden_size
     _, ar_meta = pairs.build_metas(smollm_tok, d, K, 4.0)
+    rows = _rows(16, d, seed=3)
+    cfg = _cfg(ar_epochs=2.0, ar_batch=8)
+    with pytest.raises(train.Paused):
+        train.train_ar(_fresh(tiny_llama), smollm_tok, ar_meta, rows, cfg, log=_quiet, ckpt_dir=tmp_path,
+                       deadline=0.0)
+    changed = _cfg(ar_epochs=2.0, ar_batch=8, ar_lr=5e-3)  # same shapes, another run
+    with pytest.raises(ValueError, match=r"another training run.*config\.ar_lr"):
+        train.train_ar(_fresh(tiny_llama), smollm_tok, ar_meta, rows, changed, log=_quiet, ckpt_dir=tmp_path)
+    other_rows = train.set_targets([dict(r, prefix_text="x " + r["target"], token=" x", top_next=["a"])
+                                    for r in rows], "v1")
+    with pytest.raises(ValueError, match="targets_sha256"):
+        train.train_ar(_fresh(tiny_llama), smollm_tok, ar_meta, other_rows, cfg, log=_quiet, ckpt_dir=tmp_path)
     torch.save({"step": 1, "params": {"nope": torch.zeros(1)}, "head": None, "opt": {}, "curve": [],
-                "elapsed_s": 0.0}, tmp_path / "resume.pt")
-    with pytest.raises(ValueError, match="do not match"):
-        train.train_ar(_fresh(tiny_llama), smollm_tok, ar_meta, _rows(16, d, seed=3),
-                       _cfg(ar_epochs=2.0, ar_batch=8), log=_quiet, ckpt_dir=tmp_path)
+                "elapsed_s": 0.0}, tmp_path / "resume.pt")  # no key at all: refused the same way
+    with pytest.raises(ValueError, match="another training run"):
+        train.train_ar(_fresh(tiny_llama), smollm_tok, ar_meta, rows, cfg, log=_quiet, ckpt_dir=tmp_path)
 
 
 def test_target_recipes_differ_only_in_the_quote():
