@@ -621,8 +621,9 @@ def decoder_for(engine) -> FastDecoder:
     dec = getattr(engine, "_fast_decoder", None)
     # Fused kernels come from inductor, which needs a GPU (or a C++ toolchain): only on CUDA.
     fuse = True if engine.backend == "fused" and next(engine.model.parameters()).is_cuda else None
+    # A decoder that already fell back from fused kernels (fuse_error set) is kept, not rebuilt.
     if dec is None or dec.model is not engine.model or dec.stop_ids != [int(i) for i in engine.stop_ids] \
-            or dec.fuse != (fuse and "inductor"):
+            or (dec.fuse != (fuse and "inductor") and dec.fuse_error is None):
         dec = FastDecoder(engine.model, stop_ids=engine.stop_ids, fuse=fuse)
         engine._fast_decoder = dec
     return dec

@@ -269,13 +269,15 @@ _HASH_LIMIT = 64 << 20  # files above this (27B shards) are identified by name a
 
 
 def _dir_digest(path: str | Path) -> str:
+    from .sources import sha256_file  # streamed, and memoised per process by (path, size, mtime)
+
     h = hashlib.sha256()
     root = Path(path)
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
         size = f.stat().st_size
         h.update(f"{f.relative_to(root)}\0{size}\0".encode())
         if size <= _HASH_LIMIT:
-            h.update(hashlib.sha256(f.read_bytes()).digest())
+            h.update(sha256_file(f).encode())
     return h.hexdigest()
 
 

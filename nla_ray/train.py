@@ -19,6 +19,7 @@ for longer. The data order is a pure function of the seed, so a resumed run sees
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -82,8 +83,6 @@ def _ckpt_file(ckpt_dir) -> Path | None:
 
 def _resume_key(cfg: TrainConfig, rows: list[dict], steps: int) -> dict:
     """What a checkpoint is only valid for: the config, the data (its targets) and the step count."""
-    import hashlib
-
     h = hashlib.sha256()
     for r in rows:
         h.update(f"{r.get('doc_id')}|{r.get('position')}|{r['target']}\n".encode())
