@@ -6,8 +6,10 @@ VENV := .venv/bin
 setup:
 	@bash scripts/setup.sh
 
+# cross-family transfer (§7) on the embedded default: SmolLM2-135M L20 x Gemma-3-270M L12, CPU;
+# writes runs/cross_family/mini/ (git-ignored)
 demo: setup
-	$(VENV)/python jobs/reproduce_fve.py --preset mini
+	$(VENV)/python jobs/cross_family.py --preset mini
 
 test: setup
 	$(VENV)/python -m pytest -q

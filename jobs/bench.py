@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `ray job submit` working dirs
 
-from nla_ray import bench  # noqa: E402
-from nla_ray.provenance import machine_label  # noqa: E402
+from nla_ray.perf import bench  # noqa: E402
+from nla_ray.core.provenance import machine_label  # noqa: E402
 
 
 def _ints(text: str) -> list[int]:

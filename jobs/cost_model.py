@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `ray job submit` working dirs
 
-from nla_ray import costmodel  # noqa: E402
+from nla_ray.perf import costmodel  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -22,14 +22,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nla_ray.pipeline import write_json  # noqa: E402
-from nla_ray.provenance import provenance  # noqa: E402
+from nla_ray.runtime.pipeline import write_json  # noqa: E402
+from nla_ray.core.provenance import provenance  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _run(gpus: int, a, work: Path) -> dict:
     out = work / f"gpus{gpus}"
+    import shutil
+
+    shutil.rmtree(out / "store", ignore_errors=True)  # an empty store: extraction streams with AV and AR
     sets = [f"av.n_samples={a.samples}", f"av.temperature={a.temperature}", f"av.max_new_tokens={a.max_new_tokens}",
             f"pools.extract.num_gpus=0.2", f"pools.extract.batch_size=16", f"pools.extract.concurrency=1",
             f"pools.av.num_gpus=0.6", f"pools.av.concurrency={gpus}", f"pools.av.batch_size={a.av_batch}",
@@ -37,7 +40,7 @@ def _run(gpus: int, a, work: Path) -> dict:
             f"pools.extract.dtype={a.dtype}", f"pools.av.dtype={a.dtype}", f"pools.ar.dtype={a.dtype}",
             "bootstrap=200"]
     cmd = [sys.executable, str(REPO / "jobs" / "reproduce_fve.py"), "--preset", a.preset, "--n", str(a.n),
-           "--out", str(out), "--fresh"] + [x for s in sets for x in ("--set", s)]
+           "--out", str(out), "--fresh", "--store", str(out / "store")] + [x for s in sets for x in ("--set", s)]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(gpus)))
     t0 = time.time()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)

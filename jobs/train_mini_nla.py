@@ -31,13 +31,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from nla_ray import pairs, sources, targets, train  # noqa: E402
-from nla_ray.corpora import PackagedBBCNews  # noqa: E402
-from nla_ray.models import load_causal_lm, resolve_device  # noqa: E402
-from nla_ray.pipeline import write_json  # noqa: E402
-from nla_ray.provenance import provenance  # noqa: E402
-from nla_ray.sidecar import write_sidecar  # noqa: E402
-from nla_ray.typed import set_fields  # noqa: E402
+from nla_ray.nla import pairs  # noqa: E402
+from nla_ray.nla import sources  # noqa: E402
+from nla_ray.training import targets  # noqa: E402
+from nla_ray.training import sft as train  # noqa: E402
+from nla_ray.nla.corpora import PackagedBBCNews  # noqa: E402
+from nla_ray.nla.models import load_causal_lm, resolve_device  # noqa: E402
+from nla_ray.runtime.pipeline import write_json  # noqa: E402
+from nla_ray.core.provenance import provenance  # noqa: E402
+from nla_ray.nla.sidecar import write_sidecar  # noqa: E402
+from nla_ray.core.typed import set_fields  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -150,13 +153,13 @@ def _run(a, deadline) -> int:
     log(f"[data] train rows {len(tr)} from {len({r['doc_id'] for r in tr})} docs; eval rows {len(ev)}; "
         f"median |v| {inj_scale}")
     d = gold_tr.shape[1]
-    from nla_ray import metrics
+    from nla_ray.core import metrics
 
     var_train = float(metrics.variance_baseline(gold_tr, math.sqrt(d)))
     extra = {"base_checkpoint": fam["base"], "stage": "sl",
              "base_model": {"source": fam["base"], "gguf_file": res.gguf_file, "sha256": res.sha256},
              "eval": {"var_train": round(var_train, 6)},
-             "training": {"recipe": "nla_ray.train (LoRA + value head, deterministic targets)",
+             "training": {"recipe": "nla_ray.training.sft (LoRA + value head, deterministic targets)",
                           "config": train.config_dict(cfg), "injection_scale_from": "median |v| of training vectors"}}
     av_meta, ar_meta = pairs.build_metas(tok, d, K, inj_scale, extra)
 
@@ -246,9 +249,9 @@ def _grpo_phase(a, cfg, tok, res, dev, tr, ev, work: Path, pair_out: Path, resul
     """Policy-gradient refinement of the shipped AV against its frozen AR; before/after on held-out."""
     from peft import PeftModel
 
-    from nla_ray import grpo
-    from nla_ray.av import AVEngine
-    from nla_ray.sidecar import read_sidecar
+    from nla_ray.training import grpo
+    from nla_ray.nla.av import AVEngine
+    from nla_ray.nla.sidecar import read_sidecar
 
     if not (results / "summary.json").is_file():
         raise SystemExit("grpo reports before/after: run the eval phase first")

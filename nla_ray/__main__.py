@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from nla_ray.cli import main
 
 sys.exit(main())

@@ -9,8 +9,8 @@ from pathlib import Path
 
 
 def _cmd_trace(a) -> int:
-    from . import pairs
-    from .trace import format_trace, trace_text
+    from nla_ray.nla import pairs
+    from nla_ray.nla.trace import format_trace, trace_text
 
     text = a.text if a.text is not None else Path(a.text_file).read_text(encoding="utf-8")
     dirs = pairs.resolve_pair(a.pair)
@@ -32,7 +32,7 @@ def _cmd_trace(a) -> int:
 
 
 def _cmd_pairs(a) -> int:
-    from . import pairs
+    from nla_ray.nla import pairs
 
     for name, cfg in pairs.MINI_PAIRS.items():
         shipped = (pairs.SHIPPED_DIR / name / "av" / "nla_meta.yaml").is_file()

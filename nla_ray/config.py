@@ -17,10 +17,10 @@ from typing import Any
 
 import yaml
 
-from .typed import coerce, field_types
+from nla_ray.core.typed import coerce, field_types
 
 # loop: our KV-cache loop (CPU default); hf: transformers' generate (reference); fast: static cache +
-# CUDA-graph decode (nla_ray.fast_decode); fused: fast with compiled norm/rotary kernels on a GPU
+# CUDA-graph decode (nla_ray.nla.fast_decode); fused: fast with compiled norm/rotary kernels on a GPU
 # (fast on a CPU). loop and fast give the same rows for the same seeds; fused may differ where
 # compiled kernels round differently (bf16 near-ties); hf samples with its own RNG.
 AV_BACKENDS = ("loop", "hf", "fast", "fused")
@@ -49,22 +49,31 @@ class AVConfig:
 @dataclass
 class NLAConfig:
     name: str = "mini"
-    pair: str = "mini:smollm2-L20"            # AV/AR pair spec (see nla_ray.pairs)
+    pair: str = "mini:smollm2-L20"            # AV/AR pair spec (see nla_ray.nla.pairs)
     base: str = "pkg:smollm2-135m"            # model whose activations are explained
-    layer: int = 20                           # K: block K output = hidden_states[K+1]
+    layer: int = 20                           # K: block K output = hidden_states[K+1]; the pair's layer
+    layers: list = field(default_factory=list)  # layers to extract (empty = [layer]); one forward pass
+    partner: str | None = None                # the other family's preset (cross-family transfer)
     corpus: dict = field(default_factory=lambda: {"kind": "packaged_bbc", "split": "heldout"})
     n_docs: int = 40
     positions_per_doc: int = 5
     n: int | None = None                      # cap on activations (None = n_docs * positions_per_doc)
     seed: int = 42
     max_length: int = 2048
-    var_train: float | None = None            # training-set Var denominator, when the release gives one
+    var_train: float | None = None            # training-set Var; None = the pair sidecar's eval.var_train
     av: AVConfig = field(default_factory=AVConfig)
     pools: dict = field(default_factory=lambda: {"extract": PoolConfig(), "av": PoolConfig(), "ar": PoolConfig()})
     bootstrap: int = 1000
+    # Pools for jobs that run this family beside another (cross-family): av/ar overrides, so both
+    # families' AV and AR pools can be placed at once on the named machine.
+    cross_pools: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def extract_layers(self) -> list[int]:
+        return sorted(set([int(x) for x in self.layers] or [self.layer]))
 
 
 def _build(cls, data: dict, where: str):
@@ -78,6 +87,11 @@ def _build(cls, data: dict, where: str):
         v = coerce(hints[k], v, f"{where}.{k}")
         if k == "av":
             v = _build(AVConfig, v or {}, f"{where}.av")
+        elif k == "cross_pools":
+            bad = sorted(set(v or {}) - {"av", "ar"})
+            if bad:
+                raise ValueError(f"{where}.cross_pools: unknown pool(s) {bad}; cross_pools are av, ar")
+            v = {p: _build(PoolConfig, q or {}, f"{where}.cross_pools.{p}") for p, q in (v or {}).items()}
         elif k == "pools":
             bad = sorted(set(v or {}) - {"extract", "av", "ar"})
             if bad:
@@ -116,8 +130,11 @@ def list_presets() -> list[str]:
 def load_config(preset: str = "mini", file: str | None = None, overrides: list[str] | None = None,
                 **direct: Any) -> NLAConfig:
     path = PRESET_DIR / f"{preset}.yaml"
+    if preset.endswith((".yaml", ".yml")) and Path(preset).is_file():  # a preset of the user's own
+        path = Path(preset)
+        preset = path.stem
     if not path.is_file():
-        raise ValueError(f"unknown preset {preset!r}; available: {list_presets()}")
+        raise ValueError(f"unknown preset {preset!r}; available: {list_presets()} (or a path to a .yaml file)")
     data = yaml.safe_load(path.read_text()) or {}
     if file:
         data = _merge(data, yaml.safe_load(Path(file).read_text()) or {})
@@ -140,8 +157,10 @@ def add_job_args(p: argparse.ArgumentParser, job: str) -> None:
     p.add_argument("--config", help="YAML file merged over the preset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any field, e.g. --set av.temperature=1.0 --set pools.av.num_gpus=0.5")
-    p.add_argument("--n", type=int, help="number of activations (documents = ceil(n / positions_per_doc))")
-    p.add_argument("--out", help=f"output dir (default results/{job}/<preset>/)")
+    p.add_argument("--n", type=int, help="exactly this many activations (the first n of ceil(n / positions_per_doc) "
+                   "documents, in corpus order)")
+    p.add_argument("--out", help=f"output dir (default runs/{job}/<preset>/, ignored by git; committed results are "
+                   f"written with --out results/{job}/<preset>)")
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to join (default: the one `ray job submit` gives, else a local one)")
     p.add_argument("--fresh", action="store_true", help="ignore finished work in --out and start over")
@@ -150,6 +169,8 @@ def add_job_args(p: argparse.ArgumentParser, job: str) -> None:
 def config_from_args(a: argparse.Namespace) -> NLAConfig:
     cfg = load_config(a.preset, a.config, a.set)
     if a.n is not None:
+        if a.n <= 0:
+            raise ValueError(f"--n must be a positive number of activations, got {a.n}")
         cfg.n = a.n
         cfg.n_docs = -(-a.n // cfg.positions_per_doc)
     return cfg

@@ -1,38 +1,66 @@
-"""What every job does around the pipeline: docs from the config, output dir, provenance, writing."""
+"""The job API: a job in jobs/ is its question (docstring), its arms and its summary; this owns the rest.
+
+    JOB = Job("reproduce_fve", __doc__)
+
+    @JOB.main
+    def run(ctx: Context) -> Result:
+        rows = ctx.round_trip(ctx.cfg)            # store-backed extraction -> AV pool -> AR pool
+        return Result(headline=..., tables=[...], figures=[...], rows=rows)
+
+`Job` parses the shared arguments (the README's contract), builds the config, picks the output dir,
+catches user errors (one line naming the thing, non-zero exit; `--debug` shows the traceback), and
+writes summary.json (config, headline, run info, per-phase wall time, provenance), table.md (tables,
+a legend, examples, provenance), rows.parquet and the figures, each atomically. `Context` gives the
+job documents, pairs resolved once on the driver, the training-set Var, the activation store and
+`ctx.run(arm, stages, source)` to run any list of stages with resume.
+"""
 
 from __future__ import annotations
 
+import argparse
+import math
+import os
+import sys
 import time
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from .config import NLAConfig
-from .corpora import make_source
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nla_ray.config import NLAConfig, add_job_args, config_from_args, load_config
+from nla_ray.core.provenance import provenance
+from nla_ray.core.table import write_json, write_text
 
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def out_dir_for(job: str, cfg: NLAConfig, out: str | None) -> Path:
-    return Path(out) if out else repo_root() / "results" / job / cfg.name
+def default_out(job: str, preset: str) -> Path:
+    """runs/<job>/<preset>: ignored by git, so the README's commands leave a checkout clean."""
+    return repo_root() / "runs" / job / preset
 
 
 def documents(cfg: NLAConfig) -> list:
-    spec = dict(cfg.corpus)
-    src = make_source(spec)
+    from nla_ray.nla.corpora import make_source
+
     docs = []
-    for d in src.iter_documents():
+    for d in make_source(dict(cfg.corpus)).iter_documents():
         docs.append(d)
         if len(docs) >= cfg.n_docs:
             break
     if not docs:
-        raise ValueError(f"corpus {spec} yielded no documents")
+        raise ValueError(f"corpus {cfg.corpus} yielded no documents")
     return docs
 
 
 class Timer:
     def __init__(self):
-        self.t = {}
+        self.t: dict[str, float] = {}
 
     def __call__(self, name: str):
         timer = self
@@ -42,5 +70,284 @@ class Timer:
                 self.t0 = time.time()
 
             def __exit__(self, *a):
-                timer.t[name] = round(time.time() - self.t0, 2)
+                timer.t[name] = round(timer.t.get(name, 0.0) + time.time() - self.t0, 2)
         return _C()
+
+
+@dataclass
+class Table:
+    title: str
+    rows: list
+    columns: list
+    note: str = ""
+
+
+@dataclass
+class Result:
+    """What a job hands back: the headline numbers, tables for table.md, figures it drew, rows."""
+
+    headline: dict
+    tables: list = field(default_factory=list)
+    figures: list = field(default_factory=list)
+    rows: pa.Table | None = None
+    extra: dict = field(default_factory=dict)
+    legend: str = ""
+    examples: list = field(default_factory=list)
+    clean: bool = True             # False: the job finished but something was not (exit 3)
+
+
+FVE_LEGEND = ("FVE = 1 − NMSE / Var: the share of the activation's (direction-normalised) variance the "
+              "round trip recovers. 0 = predicting the mean vector; the shuffled-pair null (explanations "
+              "scored against other activations' gold) sits well below 0 when the signal is position-specific; "
+              "1 = perfect. For scale: the released Gemma-3-27B L41 pair reaches 0.763–0.775 and Qwen2.5-7B L20 "
+              "0.752. NMSE is on vectors rescaled to √d (NMSE = 2(1 − cos)); cos is uninformative on "
+              "low-variance layers, read FVE. CIs resample documents (positions of one document are not independent).")
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line, exit status 2."""
+
+
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, KeyError, PermissionError)
+
+
+class Context:
+    def __init__(self, job: "Job", args: argparse.Namespace, cfg: NLAConfig, out: Path):
+        from nla_ray.runtime.store import ActivationStore
+
+        self.job, self.args, self.cfg, self.out = job, args, cfg, out
+        self.timer = Timer()
+        self.store = ActivationStore(args.store, log=self.log)
+        self.runs: dict[str, dict] = {}
+        self._pairs: dict = {}
+        self._docs: dict = {}
+
+    def log(self, msg: str) -> None:
+        print(msg, flush=True)
+
+    # -- configs, documents, pairs ------------------------------------------------------------
+    FAMILY_KEYS = ("pair", "base", "layer", "layers", "var_train", "partner", "name", "max_length")
+
+    def partner(self, cfg: NLAConfig | None = None) -> NLAConfig:
+        """The other family's config: its preset, with this run's corpus, seed and sizes, and the
+        `--set` overrides that are not about one family (av.max_new_tokens applies to both AVs;
+        pair=... only to the first)."""
+        cfg = cfg or self.cfg
+        if not cfg.partner:
+            raise UserError(f"preset {cfg.name!r} names no partner family (set partner: <preset>)")
+        shared = [s for s in self.args.set if s.split("=", 1)[0].strip().split(".")[0] not in self.FAMILY_KEYS]
+        other = load_config(cfg.partner, overrides=shared)
+        for k in ("corpus", "seed", "n_docs", "n", "positions_per_doc", "bootstrap"):
+            setattr(other, k, getattr(cfg, k))
+        return other
+
+    def documents(self, cfg: NLAConfig | None = None) -> list:
+        cfg = cfg or self.cfg
+        key = (repr(cfg.corpus), cfg.n_docs)
+        if key not in self._docs:
+            with self.timer("load_documents"):
+                self._docs[key] = documents(cfg)
+        return self._docs[key]
+
+    def pair(self, cfg: NLAConfig | None = None):
+        """The pair's directories, resolved once on the driver (actors get plain paths)."""
+        from nla_ray.nla import pairs
+
+        spec = (cfg or self.cfg).pair
+        if spec not in self._pairs:
+            self._pairs[spec] = pairs.resolve_pair(spec)
+        return self._pairs[spec]
+
+    def meta(self, cfg: NLAConfig | None = None, role: str = "ar"):
+        from nla_ray.nla.sidecar import read_sidecar
+
+        dirs = self.pair(cfg)
+        return read_sidecar(dirs.ar if role == "ar" else dirs.av)
+
+    def var_train(self, cfg: NLAConfig | None = None) -> float | None:
+        """The training-set Var: the preset's, else the AR sidecar's `eval.var_train`, else None."""
+        cfg = cfg or self.cfg
+        if cfg.var_train is not None:
+            return cfg.var_train
+        v = (self.meta(cfg).raw.get("eval") or {}).get("var_train")
+        return float(v) if v is not None else None
+
+    # -- running stages -----------------------------------------------------------------------
+    def activations(self, cfg: NLAConfig | None = None, *, layers: list[int] | None = None,
+                    anchors: dict | None = None, anchor_key: str | None = None, align_tolerance: int = 2):
+        """Stored activations of `cfg`'s base model for this run's documents (extracted once)."""
+        from nla_ray.runtime.stages import extract_spec
+
+        cfg = cfg or self.cfg
+        spec = extract_spec(cfg, name="extract", layers=layers or cfg.extract_layers, align_tolerance=align_tolerance)
+        with self.timer("extract"):
+            return self.store.ensure(spec, self.documents(cfg), address=self.args.ray_address, anchors=anchors,
+                                     anchor_key=anchor_key)
+
+    def run(self, arm: str, stages: list, source, *, per_position: int = 1, extra_fp: dict | None = None,
+            fp_stages: list | None = None, tee=None) -> pa.Table:
+        """Run `stages` over `source` (documents or a row table) into `<out>/rows[/<arm>]`, resuming
+        finished documents; returns this run's final rows (deduplicated, stable order). The rows'
+        fingerprint is `fp_stages` (default: all stages) plus `extra_fp`."""
+        from nla_ray.runtime import pipeline
+        from nla_ray.runtime.rows import RowParts, final_table
+
+        parts = RowParts(self.out / "rows" / arm if arm else self.out / "rows")
+        fp = {"stages": pipeline.stages_fingerprint(fp_stages or stages), **(extra_fp or {})}
+        if isinstance(source, pa.Table):
+            doc_ids = list(dict.fromkeys(source.column("doc_id").to_pylist()))
+            n_act = int(np.sum(np.asarray(source.column("position").to_numpy()) >= 0))
+        else:
+            doc_ids = [d.doc_id for d in source]
+            n_act = len(doc_ids) * self.cfg.positions_per_doc
+        expected = n_act * per_position
+        with self.timer(f"pipeline{':' + arm if arm else ''}"):
+            info = pipeline.run(stages, source=source, parts=parts, fingerprint=fp, per_position=per_position,
+                                expected_rows=expected, address=self.args.ray_address,
+                                fresh=self.args.fresh and arm not in self.runs, tee=tee, log=self.log)
+        self.runs[arm or "main"] = info.__dict__
+        return final_table(parts.read(), docs=doc_ids)
+
+    def round_trip(self, cfg: NLAConfig | None = None, *, arm: str = "", source: pa.Table | None = None,
+                   **av_override) -> pa.Table:
+        """Activations -> AV pool -> AR pool. When the store has this run's activations they are the
+        source; otherwise documents stream through extract -> AV -> AR (three pools side by side) and
+        the store keeps the extracted columns as they come. `av_override` changes the AV stage's
+        arguments (temperature, n_samples, banned_chars...)."""
+        from nla_ray.runtime.stages import EXTRACT_COLUMNS, ar_spec, av_spec, extract_spec
+        from nla_ray.runtime.store import key_for
+
+        cfg = cfg or self.cfg
+        dirs = self.pair(cfg)
+        av = av_spec(cfg, dirs.av, **av_override)
+        stages = [av, ar_spec(cfg, dirs.ar)]
+        per = max(1, av.kwargs["n_samples"]) * len(cfg.extract_layers)
+        if source is not None:
+            return self.limit(self.run(arm, stages, source, per_position=per, extra_fp={"source": "rows"}))
+        ext = extract_spec(cfg, layers=cfg.extract_layers)
+        key = key_for(ext)
+        docs = self.documents(cfg)
+        ids = [d.doc_id for d in docs]
+        fp = {"activations": key.digest()}
+        if self.store.missing(key, ids):
+            rows = self.run(arm, [ext, *stages], docs, per_position=per, extra_fp=fp, fp_stages=stages,
+                            tee=self.store.tee(key, EXTRACT_COLUMNS))
+        else:
+            self.log(f"[store] activations of {len(ids)} documents found in {self.store.entry(key).dir}")
+            rows = self.run(arm, stages, self.store.load(key, ids), per_position=per, extra_fp=fp)
+        return self.limit(rows)
+
+    def limit(self, table: pa.Table) -> pa.Table:
+        """Keep the first `--n` activations (documents in corpus order, then sampled rank)."""
+        n = self.cfg.n
+        if n is None or table.num_rows == 0:
+            return table
+        doc_order = {d: i for i, d in enumerate(dict.fromkeys(table.column("doc_id").to_pylist()))}
+        keys = sorted({(doc_order[d], r, d) for d, r, p in zip(table.column("doc_id").to_pylist(),
+                                                               table.column("sample_rank").to_pylist(),
+                                                               table.column("position").to_pylist()) if p >= 0})
+        keep = {(d, r) for _, r, d in keys[:n]}
+        mask = [(d, r) in keep or p < 0 for d, r, p in zip(table.column("doc_id").to_pylist(),
+                                                          table.column("sample_rank").to_pylist(),
+                                                          table.column("position").to_pylist())]
+        return table.filter(pa.array(mask))
+
+    def figure(self, name: str) -> Path:
+        return self.out / name
+
+
+class Job:
+    def __init__(self, name: str, doc: str | None, *, add_args: Callable[[argparse.ArgumentParser], None] | None = None):
+        self.name, self.doc, self.add_args = name, doc or name, add_args
+
+    def parser(self) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(prog=f"jobs/{self.name}.py", description=self.doc,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_job_args(p, self.name)
+        p.add_argument("--store", help="activation store root (default $NLA_RAY_STORE or ~/.cache/nla_ray/store)")
+        p.add_argument("--verify-against", help="another run's output dir: report bit-identity of rows")
+        p.add_argument("--debug", action="store_true", help="show Python tracebacks for user errors")
+        if self.add_args:
+            self.add_args(p)
+        return p
+
+    def main(self, body: Callable[[Context], Result]) -> Callable[[list | None], int]:
+        def entry(argv: list | None = None) -> int:
+            args = self.parser().parse_args(argv)
+            debug = args.debug or os.environ.get("NLA_RAY_DEBUG")
+            try:
+                cfg = config_from_args(args)
+                out = Path(args.out) if args.out else default_out(self.name, cfg.name)
+                ctx = Context(self, args, cfg, out)
+                ctx.log(f"[{self.name}] preset {cfg.name} -> {out}")
+                t0 = time.time()
+                res = body(ctx)
+                ctx.timer.t["total"] = round(time.time() - t0, 2)
+                self.write(ctx, res)
+            except USER_ERRORS as e:
+                if debug:
+                    traceback.print_exc()
+                msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+                print(f"error: {msg}" + ("" if debug else "   (--debug for the traceback)"), file=sys.stderr)
+                return 2
+            return 0 if res.clean else 3
+        self.entry = entry
+        return entry
+
+    def run_cli(self) -> None:
+        sys.exit(self.entry())
+
+    def write(self, ctx: Context, res: Result) -> None:
+        from nla_ray import report
+
+        out = ctx.out
+        out.mkdir(parents=True, exist_ok=True)
+        summary = {"job": self.name, "config": ctx.cfg.to_dict(), "headline": res.headline, **res.extra,
+                   "run": {"arms": ctx.runs, "wall_s_by_phase": ctx.timer.t},
+                   "provenance": provenance(ctx.cfg.name)}
+        if res.rows is not None:
+            tmp = out / "rows.parquet.tmp"
+            pq.write_table(res.rows, tmp)
+            tmp.replace(out / "rows.parquet")
+            if ctx.args.verify_against:
+                other = pq.read_table(Path(ctx.args.verify_against) / "rows.parquet")
+                summary["verify_against"] = {"dir": ctx.args.verify_against, **compare_rows(res.rows, other)}
+                ctx.log(f"verify: {summary['verify_against']}")
+        write_json(out / "summary.json", summary)
+        md = [f"# {self.name} — {ctx.cfg.name}\n", self.doc.strip().splitlines()[0] + "\n"]
+        for t in res.tables:
+            md.append(f"## {t.title}\n\n" + report.markdown_table(t.rows, t.columns) + (f"\n{t.note}\n" if t.note else ""))
+        for f in res.figures:
+            md.append(f"![{Path(f).stem}]({Path(f).name})\n")
+        if res.legend:
+            md.append("## How to read this\n\n" + res.legend + "\n")
+        if res.examples:
+            md.append("## Examples\n\n" + report.examples_md(res.examples))
+        md.append("## Provenance\n\n" + report.provenance_md(summary["provenance"]))
+        write_text(out / "table.md", "\n".join(md))
+        ctx.log("\n".join(md[:2 + len(res.tables)]))
+        ctx.log(f"[{self.name}] wrote {out}/summary.json, table.md" + (", rows.parquet" if res.rows is not None else "")
+                + "".join(f", {Path(f).name}" for f in res.figures))
+
+
+def compare_rows(a: pa.Table, b: pa.Table, text: str = "explanation", vec: str = "recon") -> dict:
+    """Bit-identity of two runs' rows on their common keys (explanations and reconstructions)."""
+    from nla_ray.core.table import vectors
+    from nla_ray.runtime.rows import KEY
+
+    def index(t):
+        keys = list(zip(*(t.column(k).to_pylist() for k in KEY)))
+        return {k: i for i, k in enumerate(keys)}
+    ia, ib = index(a), index(b)
+    common = sorted(set(ia) & set(ib), key=str)
+    ta, tb = a.column(text).to_pylist(), b.column(text).to_pylist()
+    ra, rb = vectors(a, vec), vectors(b, vec)
+    same_text = sum(ta[ia[k]] == tb[ib[k]] for k in common)
+    same_vec = sum(np.array_equal(ra[ia[k]], rb[ib[k]]) for k in common)
+    return {"rows_compared": len(common), "identical_explanations": int(same_text),
+            "bit_identical_reconstructions": int(same_vec),
+            "bit_identical": len(common) > 0 and same_text == same_vec == len(common)}
+
+
+def ci_str(ci) -> str:
+    return "[" + ", ".join("nan" if (x is None or (isinstance(x, float) and math.isnan(x))) else f"{x:.3f}" for x in ci) + "]"

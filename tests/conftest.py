@@ -23,7 +23,7 @@ TINY_LAYERS = 4
 def _packaged_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
-    from nla_ray import sources
+    from nla_ray.nla import sources
 
     try:
         path = sources.resolve(spec).path

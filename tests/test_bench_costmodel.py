@@ -15,7 +15,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest
 import torch
 
-from nla_ray import bench, costmodel
+from nla_ray.perf import bench
+from nla_ray.perf import costmodel
 
 
 # Tiny matmuls on a shared 2-core machine: more threads only add contention.
@@ -137,7 +138,7 @@ def test_counts_against_the_model():
 def test_prompt_token_counts_are_live():
     from transformers import AutoTokenizer
 
-    from nla_ray import sources
+    from nla_ray.nla import sources
 
     for key, counts in bench.PROMPT_TOKENS.items():
         try:

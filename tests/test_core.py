@@ -17,14 +17,14 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-from nla_ray import metrics as M
-from nla_ray import pairs
-from nla_ray import templates as T
-from nla_ray.ar import AREngine, ValueHead, load_value_head
-from nla_ray.av import AVEngine, gumbel_noise, inject, sample_seed
-from nla_ray.extract import MIN_POSITION, Extractor, align_position, sample_positions
-from nla_ray.models import backbone_from_model, load_backbone
-from nla_ray.sidecar import SIDECAR_NAME, NlaMeta, SidecarError, read_sidecar, write_sidecar
+from nla_ray.core import metrics as M
+from nla_ray.nla import pairs
+from nla_ray.nla import templates as T
+from nla_ray.nla.ar import AREngine, ValueHead, load_value_head
+from nla_ray.nla.av import AVEngine, gumbel_noise, inject, sample_seed
+from nla_ray.nla.extract import MIN_POSITION, Extractor, align_position, sample_positions
+from nla_ray.nla.models import backbone_from_model, load_backbone
+from nla_ray.nla.sidecar import SIDECAR_NAME, NlaMeta, SidecarError, read_sidecar, write_sidecar
 
 CPU = torch.device("cpu")
 
@@ -917,7 +917,7 @@ def test_git_commit_prefers_the_submitters_commit(monkeypatch):
     """A copied working tree may carry a stale .git: an explicit NLA_RAY_GIT_COMMIT wins."""
     import re
 
-    from nla_ray import provenance
+    from nla_ray.core import provenance
 
     monkeypatch.setenv("NLA_RAY_GIT_COMMIT", "0123456789abcdef0123456789abcdef01234567")
     assert provenance.git_commit() == "0123456789abcdef0123456789abcdef01234567"
@@ -941,7 +941,7 @@ def test_config_values_take_their_field_types_and_bad_ones_name_the_field():
 
 def test_typed_coercion_edges():
     from nla_ray.config import load_config
-    from nla_ray.typed import coerce, coerce_text
+    from nla_ray.core.typed import coerce, coerce_text
 
     c = load_config("mini", overrides=["var_train=1e-3", "n=null", "seed=12345678901234567891"])
     assert c.var_train == 1e-3 and c.n is None and c.seed == 12345678901234567891

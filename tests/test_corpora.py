@@ -8,8 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from nla_ray import corpora
-from nla_ray.corpora import (
+from nla_ray.nla import corpora
+from nla_ray.nla.corpora import (
     LICENSE_NOTE,
     PAPER_SPEC,
     Document,

@@ -1,4 +1,4 @@
-"""nla_ray.fast_decode against AVEngine._generate_loop, token for token, on tiny random models.
+"""nla_ray.nla.fast_decode against AVEngine._generate_loop, token for token, on tiny random models.
 
 Two architectures share the packaged SmolLM2 tokenizer (no downloads): a Llama decoder and a
 Gemma-3 text decoder whose sliding window (8) is shorter than the AV prompt, so the windowed mask
@@ -14,10 +14,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest
 import torch
 
-from nla_ray import pairs
-from nla_ray import templates as T
-from nla_ray.av import AVEngine
-from nla_ray.fast_decode import FastDecoder, decoder_for, fast_generate, kv_buckets, shared_prefix_len
+from nla_ray.nla import pairs
+from nla_ray.nla import templates as T
+from nla_ray.nla.av import AVEngine
+from nla_ray.nla.fast_decode import FastDecoder, decoder_for, fast_generate, kv_buckets, shared_prefix_len
 
 D = 64
 LAYER = 2
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 def tok():
     from transformers import AutoTokenizer
 
-    from nla_ray import sources
+    from nla_ray.nla import sources
 
     try:
         path = sources.resolve("pkg:smollm2-135m").path

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from nla_ray import grpo, pairs
-from nla_ray.ar import AREngine, ValueHead
-from nla_ray.av import AVEngine
-from nla_ray.models import backbone_from_model
+from nla_ray.training import grpo
+from nla_ray.nla import pairs
+from nla_ray.nla.ar import AREngine, ValueHead
+from nla_ray.nla.av import AVEngine
+from nla_ray.nla.models import backbone_from_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 D, K = 64, 2

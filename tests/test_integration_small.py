@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from nla_ray import metrics as M
-from nla_ray import pairs, sources
-from nla_ray import templates as T
-from nla_ray.extract import MIN_POSITION, Extractor
-from nla_ray.models import load_backbone
+from nla_ray.core import metrics as M
+from nla_ray.nla import pairs
+from nla_ray.nla import sources
+from nla_ray.nla import templates as T
+from nla_ray.nla.extract import MIN_POSITION, Extractor
+from nla_ray.nla.models import load_backbone
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("torch_single_thread")]
 
@@ -45,7 +46,7 @@ def mini_pair():
 
 
 def test_mini_pair_round_trip(mini_pair):
-    from nla_ray.corpora import PackagedBBCNews
+    from nla_ray.nla.corpora import PackagedBBCNews
 
     av, ar = mini_pair
     layer = ar.meta.layer

@@ -1,11 +1,11 @@
-"""Tests for nla_ray.metrics against independent float64 numpy references."""
+"""Tests for nla_ray.core.metrics against independent float64 numpy references."""
 
 import math
 
 import numpy as np
 import pytest
 
-from nla_ray import metrics as M
+from nla_ray.core import metrics as M
 
 D = 64
 

@@ -11,8 +11,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from nla_ray import pipeline
 from nla_ray.config import load_config
+from nla_ray.core.table import to_arrow
+from nla_ray.runtime import pipeline
+from nla_ray.runtime.rows import RowParts, RunMismatch, completed_docs, read_parts
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.ray, pytest.mark.integration]
@@ -20,7 +22,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.integration]
 
 def _run_job(out: Path, *extra: str) -> dict:
     cmd = [sys.executable, str(REPO / "jobs" / "reproduce_fve.py"), "--preset", "mini", "--n", "6",
-           "--out", str(out), "--set", "av.max_new_tokens=16", *extra]
+           "--out", str(out), "--store", str(out.parent / "store"), "--set", "av.max_new_tokens=16", *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return json.loads((out / "summary.json").read_text())
@@ -30,7 +32,7 @@ def test_reproduce_fve_runs_resumes_and_is_deterministic(tmp_path):
     out = tmp_path / "run"
     s1 = _run_job(out)
     h = s1["headline"]
-    assert h["n"] + s1["documents"]["short_skipped"] * 0 >= 5
+    assert h["n"] == 6  # --n means exactly that many activations
     assert h["fve_own"]["denominator"] == "own_set"
     assert np.isfinite(h["nmse"]) and 0 <= h["nmse"] <= 4
     # NMSE = 2(1 - cos) row by row at mse_scale = sqrt(d)
@@ -41,13 +43,16 @@ def test_reproduce_fve_runs_resumes_and_is_deterministic(tmp_path):
                 "seed", "sample_idx", "av_worker", "ar_t1"):
         assert col in t.column_names
     assert s1["provenance"]["preset"] == "mini" and s1["provenance"]["git_commit"]
+    # An empty store: documents streamed through the three pools side by side.
     assert set(s1["timeline"]["stages"]) == {"extract", "av", "ar"}
     # Same command again: every document is already finished, nothing is recomputed.
     s2 = _run_job(out)
-    assert s2["run"]["docs_submitted"] == 0 and s2["run"]["docs_skipped_done"] == s1["run"]["docs_total"]
+    assert s2["run"]["arms"]["main"]["docs_submitted"] == 0
+    assert s2["run"]["arms"]["main"]["docs_skipped_done"] == s1["run"]["arms"]["main"]["docs_total"]
     assert s2["headline"]["fve_own"]["value"] == h["fve_own"]["value"]
-    # A fresh second run with the same seed is bit-identical.
+    # A second run into a new dir reads the stored activations (no extraction) and is bit-identical.
     s3 = _run_job(tmp_path / "run2", "--verify-against", str(out))
+    assert set(s3["timeline"]["stages"]) == {"av", "ar"}
     assert s3["verify_against"]["bit_identical"], s3["verify_against"]
 
 
@@ -57,10 +62,10 @@ def test_partial_documents_are_redone(tmp_path):
     batch = {"doc_id": np.array(["a", "a", "b"], dtype=object), "position": np.array([60, 70, -1]),
              "positions_in_doc": np.array([3, 3, 0]), "sample_idx": np.array([0, 0, 0]),
              "layer": np.array([1, 1, 1]), "vector": np.zeros((3, 4), np.float32)}
-    pq.write_table(pipeline._to_arrow(batch), rows / "part-0.parquet")
-    done = pipeline.completed_docs(pipeline.read_parts(rows), n_samples=1)
+    pq.write_table(to_arrow(batch), rows / "part-0.parquet")
+    done = completed_docs(read_parts(rows), per_position=1)
     assert done == {"b"}  # 'a' has 2 of 3 positions: redo it; 'b' is a short-document marker
-    assert pipeline.completed_docs(pipeline.read_parts(rows), n_samples=2) == {"b"}
+    assert completed_docs(read_parts(rows), per_position=2) == {"b"}
 
 
 def test_config_errors_name_the_field():
@@ -76,21 +81,39 @@ def test_config_errors_name_the_field():
 
 def test_resume_refuses_rows_of_another_run(tmp_path):
     """Rows made with another pair or row-shaping config must not be mixed into a resumed run."""
-    from nla_ray.config import load_config
+    from nla_ray.nla import pairs
+    from nla_ray.runtime.stages import ar_spec, av_spec
+
+    def fp(cfg):
+        d = pairs.resolve_pair(cfg.pair)
+        return {"stages": pipeline.stages_fingerprint([av_spec(cfg, d.av), ar_spec(cfg, d.ar)])}
 
     cfg = load_config("mini")
-    fp = pipeline.run_fingerprint(cfg)
-    assert set(fp) >= {"pair", "av", "layer", "pair_files", "dtypes"}
-    assert fp == pipeline.run_fingerprint(load_config("mini", overrides=["n_docs=3", "bootstrap=10"]))
-    rows = tmp_path / "rows"
-    rows.mkdir()
-    pipeline._check_resume(rows, fp)  # empty dir: records the fingerprint
-    assert json.loads((rows / "RUN.json").read_text()) == fp
-    (rows / "part-0.parquet").write_bytes(b"")
-    pipeline._check_resume(rows, fp)  # same run: fine
-    other = pipeline.run_fingerprint(load_config("mini", overrides=["av.temperature=1.0"]))
-    with pytest.raises(pipeline.RunMismatch, match="av:.*--fresh"):
-        pipeline._check_resume(rows, other)
-    (rows / "RUN.json").unlink()
-    with pytest.raises(pipeline.RunMismatch, match="no RUN.json"):
-        pipeline._check_resume(rows, fp)
+    f = fp(cfg)
+    assert f["stages"][0]["kwargs"]["av_dir"]["sha256"] and f["stages"][0]["device"] == "cpu"
+    # sizes and batch sizes do not change what a row holds
+    assert f == fp(load_config("mini", overrides=["n_docs=3", "bootstrap=10", "pools.av.batch_size=3"]))
+    parts = RowParts(tmp_path / "rows")
+    parts.check(f)  # empty dir: records the fingerprint
+    assert json.loads((tmp_path / "rows" / "RUN.json").read_text()) == f
+    (tmp_path / "rows" / "part-0.parquet").write_bytes(b"")
+    parts.check(f)  # same run: fine
+    with pytest.raises(RunMismatch, match="stages:.*--fresh"):
+        parts.check(fp(load_config("mini", overrides=["av.temperature=1.0"])))
+    (tmp_path / "rows" / "RUN.json").unlink()
+    with pytest.raises(RunMismatch, match="no RUN.json"):
+        parts.check(f)
+
+
+def test_n_is_exact_and_refuses_nonsense():
+    import argparse
+
+    from nla_ray.config import add_job_args, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_job_args(p, "x")
+    cfg = config_from_args(p.parse_args(["--n", "12"]))
+    assert cfg.n == 12 and cfg.n_docs == 3
+    for bad in ("0", "-3"):
+        with pytest.raises(ValueError, match="--n must be a positive"):
+            config_from_args(p.parse_args(["--n", bad]))

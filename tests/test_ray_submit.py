@@ -38,13 +38,14 @@ def ray_head(tmp_path):
         subprocess.run([_ray_bin(), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-def test_submit_reproduce_fve(ray_head, tmp_path):
+def test_submit_cross_family(ray_head, tmp_path):
+    """The README's headline command, submitted to a local head: both families, six pools."""
     address, env = ray_head
     out = tmp_path / "submitted"
     cmd = [_ray_bin(), "job", "submit", "--address", address, "--working-dir", str(REPO),
            "--runtime-env-json", json.dumps({"env_vars": {"NLA_RAY_GIT_COMMIT": "test-commit"}}),
-           "--", sys.executable, "jobs/reproduce_fve.py", "--preset", "mini", "--n", "5", "--out", str(out),
-           "--set", "av.max_new_tokens=12"]
+           "--", sys.executable, "jobs/cross_family.py", "--preset", "mini", "--n", "4", "--out", str(out),
+           "--store", str(tmp_path / "store"), "--set", "av.max_new_tokens=12"]
     t0 = time.time()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     if r.returncode != 0:
@@ -53,6 +54,7 @@ def test_submit_reproduce_fve(ray_head, tmp_path):
     assert r.returncode == 0, "ray job submit failed; the job's output is printed above"
     assert "succeeded" in (r.stdout + r.stderr)
     s = json.loads((out / "summary.json").read_text())
-    assert s["headline"]["n"] >= 1
+    assert set(s["headline"]["fve"]) == {"aa", "ab", "ba", "bb"}
+    assert s["cells"]["ab"]["n"] >= 3  # 4 activations, an unaligned one at most dropped
     assert s["provenance"]["git_commit"] == "test-commit"
     assert time.time() - t0 < 600

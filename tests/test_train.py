@@ -1,9 +1,9 @@
 """Training the mini NLA pairs on tiny random models (CPU, seconds).
 
-Covers nla_ray.targets (the deterministic explanation targets), nla_ray.train (torch_nmse, collect,
+Covers nla_ray.training.targets (the deterministic explanation targets), nla_ray.training.sft (torch_nmse, collect,
 train_ar, train_av) and the adapter format the training job ships (PEFT LoRA folder under
 ``adapter/``, applied by ``pairs._apply_adapter``). Reference numbers are recomputed here from the
-plain HF model or from nla_ray.metrics, never from the function under test.
+plain HF model or from nla_ray.core.metrics, never from the function under test.
 """
 
 import copy
@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from nla_ray import metrics as M
-from nla_ray import pairs, targets, train
-from nla_ray.ar import AREngine
-from nla_ray.corpora import Document
-from nla_ray.extract import MIN_POSITION, Extractor, sample_positions
-from nla_ray.models import backbone_from_model
+from nla_ray.core import metrics as M
+from nla_ray.nla import pairs
+from nla_ray.training import targets
+from nla_ray.training import sft as train
+from nla_ray.nla.ar import AREngine
+from nla_ray.nla.corpora import Document
+from nla_ray.nla.extract import MIN_POSITION, Extractor, sample_positions
+from nla_ray.nla.models import backbone_from_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

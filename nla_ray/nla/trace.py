@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import metrics
-from .extract import Extractor
+from nla_ray.core import metrics
+from nla_ray.nla.extract import Extractor
 
 
 @dataclass
@@ -45,7 +45,7 @@ def trace_text(av, ar, text: str, *, positions: list[int] | None = None, min_pos
     hs = ex.hidden([ids])[0][layer]
     gold = hs[wanted].cpu().numpy().astype(np.float32)
     expls, stats = [], []
-    from .av import sample_seed
+    from nla_ray.nla.av import sample_seed
 
     for i in range(0, len(wanted), batch_size):
         chunk = wanted[i:i + batch_size]

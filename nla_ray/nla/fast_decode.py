@@ -8,7 +8,7 @@ so the cache can be one preallocated buffer per layer (transformers' `StaticCach
 write the logits — has fixed shapes and can be captured once and replayed per token.
 
 Semantics are the loop's, row for row: greedy argmax, or argmax(logits / temperature + Gumbel
-noise) with the noise from `nla_ray.av.gumbel_noise(seed, step, vocab)` (batch-independent); banned
+noise) with the noise from `nla_ray.nla.av.gumbel_noise(seed, step, vocab)` (batch-independent); banned
 tokens masked to -inf; a finished row keeps emitting the first stop id; every `check_every` steps
 (8, the loop's cadence for its closed-tag test) the host looks once: rows whose text holds
 `</explanation>` are marked done, and the decode stops when every row is done.
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 # The module, not the name: av.py may import this module at its top (a cycle that is harmless as
 # long as nothing is taken from av before it has finished loading).
-from . import av as _av
+from nla_ray.core.noise import gumbel_noise
 
 ATTN_NAME = "nla_fast_static"
 _ACTIVE: "_Session | None" = None  # the session whose masks the attention function reads
@@ -369,7 +369,7 @@ class _Session:
         if self.has_banned:
             lg = lg.masked_fill(self.banned, float("-inf"))
         if self.temperature > 0:
-            nxt = torch.argmax(lg / self.temperature + _av.gumbel_noise(self.seeds, self.step, lg.shape[-1]), dim=-1)
+            nxt = torch.argmax(lg / self.temperature + gumbel_noise(self.seeds, self.step, lg.shape[-1]), dim=-1)
         else:
             nxt = torch.argmax(lg, dim=-1)
         if self.stop is not None:
@@ -632,7 +632,7 @@ def decoder_for(engine) -> FastDecoder:
 def fast_generate(engine, emb: torch.Tensor, temperature: float, seeds: Sequence[int] | None,
                   banned_ids: Sequence[int] | None, max_new: int) -> list[list[int]]:
     """Drop-in for `AVEngine._generate_loop`: same arguments after `self`, same token rows."""
-    from . import templates as T
+    from nla_ray.nla import templates as T
 
     tok = engine.tok
 

@@ -14,43 +14,17 @@ are plain tensor ops. `backend="hf"` runs transformers' `generate` instead, kept
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from . import templates as T
-from .config import AV_BACKENDS as BACKENDS  # the backends are documented there
-from .models import text_config
-from .sidecar import NlaMeta
-
-_M32 = 0xFFFFFFFF
-
-
-def sample_seed(*parts) -> int:
-    """A 63-bit seed from any tuple, e.g. (run seed, doc_id, position, sample index)."""
-    h = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(h[:8], "little") & 0x7FFFFFFFFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    # Integer hash on int64 lanes kept below 2**32, so products never overflow int64.
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
-    return (x >> 16) ^ x
-
-
-def gumbel_noise(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """[B, V] Gumbel noise that depends only on (seed, step, token id) — batch-independent."""
-    s = seeds.to(torch.int64)
-    k = _mix32(_mix32((s & _M32) ^ _mix32((s >> 32) & _M32)) ^ step)
-    ids = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    h = _mix32(_mix32(k[:, None] ^ ids[None, :]) ^ (ids[None, :] >> 7))
-    u = ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)  # exact in fp32, strictly in (0,1)
-    return -torch.log(-torch.log(u))
-
+from nla_ray.nla import templates as T
+from nla_ray.config import AV_BACKENDS as BACKENDS  # the backends are documented there
+from nla_ray.core.noise import gumbel_noise, sample_seed  # noqa: F401 - re-exported for callers
+from nla_ray.nla.models import text_config
+from nla_ray.nla.sidecar import NlaMeta
 
 def inject(embeds: torch.Tensor, slot: int, vectors: torch.Tensor, scale: float | None) -> torch.Tensor:
     """Overwrite row `slot` of each prompt's embeddings with its (rescaled) vector. Returns new tensor."""
@@ -153,7 +127,7 @@ class AVEngine:
             if seeds is not None and len(seeds) != n:
                 raise ValueError(f"{len(seeds)} seeds for {n} vectors")
             if self.backend in ("fast", "fused"):
-                from .fast_decode import fast_generate  # imports this module, so not at the top
+                from nla_ray.nla.fast_decode import fast_generate  # imports this module, so not at the top
 
                 tokens = fast_generate(self, emb, temperature, seeds, banned_ids, max_new)
             else:

@@ -29,13 +29,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import metrics, templates as T
-from .ar import AREngine, ValueHead
-from .av import AVEngine
-from .batching import right_pad
-from .extract import sample_positions
-from .models import backbone_from_model, decoder_of, text_config
-from .targets import RECIPES, make_target
+from nla_ray.core import metrics
+from nla_ray.nla import templates as T
+from nla_ray.nla.ar import AREngine, ValueHead
+from nla_ray.nla.av import AVEngine
+from nla_ray.core.batching import right_pad
+from nla_ray.nla.extract import sample_positions
+from nla_ray.nla.models import backbone_from_model, decoder_of, text_config
+from nla_ray.training.targets import RECIPES, make_target
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .av import AVEngine, sample_seed
-from .models import decoder_of
+from nla_ray.nla.av import AVEngine, sample_seed
+from nla_ray.nla.models import decoder_of
 
 
 @dataclass
@@ -77,7 +77,7 @@ def grpo_train(av: AVEngine, ar, rows: list[dict], cfg: GRPOConfig, log=print,
 
     With a deadline the loop stops early (after a whole step) and the last curve point records the
     step it reached, so a report can say how many steps actually ran."""
-    from . import metrics
+    from nla_ray.core import metrics
 
     params = [p for p in av.model.parameters() if p.requires_grad]
     if not params:

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import templates as T
-from .batching import right_pad
-from .models import text_config
-from .sidecar import NlaMeta
+from nla_ray.nla import templates as T
+from nla_ray.core.batching import right_pad
+from nla_ray.nla.models import text_config
+from nla_ray.nla.sidecar import NlaMeta
 
 
 class ValueHead(nn.Linear):

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from . import templates as T
+from nla_ray.nla import templates as T
 
 SIDECAR_NAME = "nla_meta.yaml"
 _ROLES = {"av": "av", "actor": "av", "ar": "ar", "critic": "ar"}

@@ -104,7 +104,8 @@ MODELS: dict[str, BenchModel] = {
 
 def measure_prompt_tokens(tokenizer) -> dict:
     """{'av': AV prompt length, 'slot': injection index, 'ar_overhead': AR prompt with no explanation}."""
-    from . import pairs, templates as T
+    from nla_ray.nla import pairs
+    from nla_ray.nla import templates as T
 
     char = pairs.choose_injection_char(tokenizer)
     ids = T.av_prompt_ids(tokenizer, T.DEFAULT_AV_TEMPLATE, char)
@@ -195,7 +196,7 @@ class Counts:
 
     @classmethod
     def of(cls, model) -> "Counts":
-        from .models import decoder_of, text_config
+        from nla_ray.nla.models import decoder_of, text_config
 
         cfg = text_config(model.config)
         dec = decoder_of(model)
@@ -333,8 +334,10 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, *, reps: int, war
 
 
 def _free(device: torch.device) -> None:
-    gc.collect()
+    # Only GPU memory needs handing back between stages; on a CPU a full gc pass per batch only
+    # costs time (seconds each on a busy 2-core box, where it dominated the tiny bench).
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -377,8 +380,8 @@ class StagePlan:
 
 def plan_for(spec: BenchModel, *, tiny: bool = False, new_tokens: int | None = None,
              batches: list[int] | None = None, temperature: float | None = None) -> StagePlan:
-    from .config import load_config
-    from .extract import Extractor
+    from nla_ray.config import load_config
+    from nla_ray.nla.extract import Extractor
 
     cfg = load_config(spec.preset)
     if tiny:
@@ -417,7 +420,7 @@ def _random_ids(batch: int, t: int, vocab: int, device, gen) -> torch.Tensor:
 
 def bench_prefill_stage(model, counts: Counts, *, n_layers: int, batch: int, t: int, hidden_states: bool,
                         head: torch.nn.Module | None, ceilings, device, reps, warmup, gen) -> dict:
-    from .models import backbone_from_model
+    from nla_ray.nla.models import backbone_from_model
 
     bb = backbone_from_model(model, n_layers)
     ids = _random_ids(batch, t, counts.vocab, device, gen)
@@ -444,7 +447,7 @@ def bench_prefill_stage(model, counts: Counts, *, n_layers: int, batch: int, t: 
 
 def _prompt_embeds(model, batch: int, t: int, slot: int, vocab: int, device, gen) -> torch.Tensor:
     """One prompt for every row (as in AVEngine) with a different random vector at `slot`."""
-    from .av import inject
+    from nla_ray.nla.av import inject
 
     ids = _random_ids(1, t, vocab, device, gen).expand(batch, t)
     with torch.no_grad():
@@ -479,7 +482,7 @@ def bench_av_hf(model, emb, *, new: int, temperature: float, device, reps: int, 
 
 def bench_av_fast(model, emb, *, new: int, temperature: float, device, reps: int, warmup: int,
                   kv_bucket: int, fuse: bool = False) -> dict:
-    from .fast_decode import FastDecoder
+    from nla_ray.nla.fast_decode import FastDecoder
 
     b = emb.shape[0]
     dec = FastDecoder(model, stop_ids=(), kv_bucket=kv_bucket, fuse=fuse or None)
@@ -515,7 +518,7 @@ def check_fast(model, counts: Counts, plan: StagePlan, *, device, gen, kv_bucket
     """Greedy tokens of the graph-replayed decode must equal the same decoder run eagerly (same
     kernels, so bit-identical on a GPU); agreement with HF `generate` is reported, not required:
     its attention kernels differ, and in bf16 a random model's near-tied logits flip early."""
-    from .fast_decode import FastDecoder
+    from nla_ray.nla.fast_decode import FastDecoder
 
     b = min(plan.av_batches)
     emb = _prompt_embeds(model, b, plan.av_prompt, plan.av_slot, counts.vocab, device, gen)
@@ -720,7 +723,7 @@ def run(models: list[str], out: str | Path, *, tiny: bool = False, device: str =
     """Benchmark `models`, writing summary.json / table.md / figure.png under `out` after every
     stage (a run cut short keeps what it measured). An existing summary of the same kind (tiny or
     not) is merged: models measured now replace their entries, others stay."""
-    from .provenance import provenance
+    from nla_ray.core.provenance import provenance
 
     unknown = [m for m in models if m not in MODELS]
     if unknown:
@@ -807,7 +810,7 @@ def merge(specs: list[tuple[str | Path, list[str]]], out: str | Path, *, figure:
         merged.update(provenance=s["provenance"], ceilings=s["ceilings"])
     if merged is None:
         raise ValueError("nothing to merge")
-    from .provenance import provenance
+    from nla_ray.core.provenance import provenance
 
     p = provenance(extra={"job": "bench-merge"})
     merged["merged_by"] = {k: p[k] for k in ("command", "git_commit", "date", "machine")}

@@ -243,7 +243,7 @@ def render_figure(report: dict, path: Path) -> None:
 
 def run(bench_path: str | Path, out: str | Path, *, usd_per_gpu_hour: float = DEFAULT_USD_PER_GPU_HOUR,
         av_backend: str = "auto", figure: bool = True) -> dict:
-    from .provenance import provenance
+    from nla_ray.core.provenance import provenance
 
     bench_path = Path(bench_path)
     bench = json.loads(bench_path.read_text())

@@ -19,8 +19,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .batching import right_pad
-from .models import backbone_from_model
+from nla_ray.core.batching import right_pad
+from nla_ray.nla.models import backbone_from_model
 
 MIN_POSITION = 50
 

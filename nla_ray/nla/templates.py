@@ -52,7 +52,7 @@ def av_prompt_ids(tokenizer, template: str, injection_char: str) -> list[int]:
     """Chat-templated AV prompt, tokenized in one step (two steps would double Gemma's <bos>)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("tokenizer has no chat template: the AV prompt must be a chat turn "
-                         "(for a base Gemma-3 load it through nla_ray.sources, which supplies the turn format)")
+                         "(for a base Gemma-3 load it through nla_ray.nla.sources, which supplies the turn format)")
     msgs = [{"role": "user", "content": av_prompt_text(template, injection_char)}]
     out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
     return _as_id_list(out)

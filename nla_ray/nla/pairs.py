@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
-from . import sources, templates as T
-from .ar import AREngine, ValueHead, load_value_head
-from .av import AVEngine
-from .models import (backbone_from_model, load_backbone, load_causal_lm, resolve_device, resolve_dtype,
+from nla_ray.nla import sources
+from nla_ray.nla import templates as T
+from nla_ray.nla.ar import AREngine, ValueHead, load_value_head
+from nla_ray.nla.av import AVEngine
+from nla_ray.nla.models import (backbone_from_model, load_backbone, load_causal_lm, resolve_device, resolve_dtype,
                      text_config)
-from .sidecar import NlaMeta, SidecarError, read_sidecar, write_sidecar
+from nla_ray.nla.sidecar import NlaMeta, SidecarError, read_sidecar, write_sidecar
 
 # The mini world mirrors the paper world: layer ~2/3 depth, one pair per model family.
 MINI_PAIRS = {

@@ -1,0 +1,1 @@
+"""Pure leaves: typed coercion, metrics, provenance, padding, sampling noise, arrow tables."""

@@ -1,0 +1,1 @@
+"""The NLA format and engines: sidecar, templates, model sources, extraction, AV, AR, pairs."""

@@ -1,0 +1,1 @@
+"""Performance: the throughput bench and the deployment cost model."""

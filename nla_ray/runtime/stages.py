@@ -1,0 +1,321 @@
+"""Pipeline stages: callable classes that load a model once per actor and process a batch per call.
+
+A stage is data: `StageSpec(cls, name, pool, kwargs)`. A pipeline is a list of specs over a source
+(documents, or stored rows), so AR-only over edited explanations, the AV of one family into the AR of
+another, or several layers into one pair are different lists, not different pipelines. The base class
+stamps `<name>_t0`, `<name>_t1` and `<name>_worker` on every row, from which the timeline shows
+whether the pools ran side by side.
+
+Column conventions: an extraction writes `vector`, `position`, `layer`, ... (with `prefix` for a second
+family: `b_vector`, `b_position`); an AV stage reads `<src>vector` and writes `<out>explanation`,
+`<out>av_text`, `<out>status`, `<out>n_gen_tokens`; an AR stage reads a text column and a gold vector
+column and writes `recon<suffix>`, `nmse<suffix>`, `cos<suffix>`. Rows whose position is negative (a
+short document's marker, an unaligned position) pass through unscored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from nla_ray.config import PoolConfig
+
+SHORT = "short_doc"
+UNALIGNED = -2
+# What an extraction row holds; the activation store keeps exactly these.
+EXTRACT_COLUMNS = ["doc_id", "position", "n_raw_tokens", "sample_rank", "positions_in_doc", "layer", "model_id",
+                   "token_id", "token", "char_start", "char_end", "prefix_text", "vector", "seed",
+                   "anchor_position", "align_err", "sample_idx", "extract_t0", "extract_t1", "extract_worker"]
+
+
+def worker_label() -> str:
+    try:
+        import ray
+
+        gpus = ray.get_gpu_ids()
+    except Exception:  # not inside Ray (unit tests call stages directly)
+        gpus = []
+    return f"{socket.gethostname()}:{os.getpid()}" + (f":gpu{','.join(str(g) for g in gpus)}" if gpus else "")
+
+
+@dataclass
+class StageSpec:
+    """One pool of the pipeline: which class, its name (column prefix of its stamps), its resources."""
+
+    cls: type
+    name: str
+    pool: PoolConfig
+    kwargs: dict = field(default_factory=dict)
+
+    def map_batches_args(self) -> dict:
+        import ray.data as rd
+
+        kw = dict(fn_constructor_kwargs={"name": self.name, "num_cpus": self.pool.num_cpus, **self.kwargs},
+                  batch_size=self.pool.batch_size, num_cpus=self.pool.num_cpus, batch_format="numpy",
+                  compute=rd.ActorPoolStrategy(size=max(1, self.pool.concurrency)))
+        if self.pool.num_gpus:
+            kw["num_gpus"] = self.pool.num_gpus
+        return kw
+
+    def describe(self) -> dict:
+        return {"stage": self.cls.__name__, "name": self.name, "num_gpus": self.pool.num_gpus,
+                "num_cpus": self.pool.num_cpus, "concurrency": self.pool.concurrency,
+                "batch_size": self.pool.batch_size, "dtype": self.pool.dtype}
+
+
+class Stage:
+    """Load in `__init__`, one batch in `process`; `__call__` adds the timing stamps."""
+
+    def __init__(self, name: str, num_cpus: float = 1.0):
+        import torch
+
+        self.name = name
+        torch.set_num_threads(max(1, int(num_cpus)))
+
+    def process(self, batch: dict) -> dict:
+        raise NotImplementedError
+
+    def __call__(self, batch: dict) -> dict:
+        t0 = time.time()
+        out = self.process(batch)
+        n = len(out["doc_id"])
+        out[f"{self.name}_t0"] = np.full(n, t0)
+        out[f"{self.name}_t1"] = np.full(n, time.time())
+        out[f"{self.name}_worker"] = np.array([worker_label()] * n, dtype=object)
+        return out
+
+
+def _columns(rows: list[dict]) -> dict:
+    out = {k: np.array([r[k] for r in rows], dtype=object if isinstance(rows[0][k], str) else None)
+           for k in rows[0] if k != "vector"}
+    out["vector"] = np.stack([r["vector"] for r in rows]).astype(np.float32)
+    out["sample_idx"] = np.zeros(len(rows), dtype=np.int64)  # one row per activation until an AV samples
+    return out
+
+
+class Extract(Stage):
+    """documents (doc_id, text[, anchors]) -> one row per (sampled position x layer): the raw vector.
+
+    Without anchors, positions follow the release's stage-0 rule. With an `anchors` column (JSON list
+    of another tokenizer's [position, char_end] per document), each anchor is mapped to this
+    tokenizer's token ending at or nearest that character; anchors off by more than `align_tolerance`
+    characters become rows with position -2 (dropped downstream, counted), never misaligned rows.
+    """
+
+    def __init__(self, name: str, num_cpus: float, *, base: str, layers: list[int], seed: int,
+                 positions_per_doc: int, max_length: int, dtype: str = "auto", align_tolerance: int = 2):
+        super().__init__(name, num_cpus)
+        from transformers import AutoTokenizer
+
+        from nla_ray.nla import sources
+        from nla_ray.nla.extract import Extractor
+        from nla_ray.nla.models import load_backbone, resolve_device, resolve_dtype, text_config
+
+        dev = resolve_device("auto")
+        res = sources.resolve(base)
+        tok = AutoTokenizer.from_pretrained(res.path, trust_remote_code=False)
+        # Only the blocks up to the deepest layer asked for are loaded and run (no full-depth load).
+        model = load_backbone(res.path, max(layers) + 1, device=dev, dtype=resolve_dtype(dtype, dev))
+        self.d = text_config(model.config).hidden_size
+        self.layers = sorted(set(int(x) for x in layers))
+        self.base, self.seed, self.tol = base, seed, align_tolerance
+        self.ex = Extractor(model, tok, self.layers, model_id=base, seed=seed,
+                            positions_per_doc=positions_per_doc, max_length=max_length)
+
+    def _marker(self, doc_id: str, position: int, layer: int, **extra) -> dict:
+        row = {"doc_id": doc_id, "position": position, "n_raw_tokens": 0, "sample_rank": 0,
+               "positions_in_doc": 0, "layer": layer, "model_id": self.base, "token_id": -1, "token": "",
+               "char_start": -1, "char_end": -1, "prefix_text": "", "vector": np.zeros(self.d, np.float32),
+               "seed": self.seed, "anchor_position": -1, "align_err": 0}
+        row.update(extra)
+        return row
+
+    def process(self, batch: dict) -> dict:
+        ids = batch["doc_id"].tolist()
+        texts = batch["text"].tolist()
+        rows: list[dict] = []
+        if "anchors" in batch:
+            for doc_id, text, anchors in zip(ids, texts, batch["anchors"].tolist()):
+                rows.extend(self._aligned(doc_id, text, json.loads(anchors)))
+        else:
+            rows = self.ex.extract(list(zip(ids, texts)))
+            for r in rows:
+                r.update(anchor_position=-1, align_err=0)
+            seen = {r["doc_id"] for r in rows}
+            for doc_id in ids:
+                if doc_id not in seen:  # too short: a marker row tells resume the document is done
+                    rows.extend(self._marker(doc_id, -1, L, status=SHORT) for L in self.layers)
+            for r in rows:
+                r.pop("status", None)
+        return _columns(rows)
+
+    def _aligned(self, doc_id: str, text: str, anchors: list) -> list[dict]:
+        from nla_ray.nla.extract import align_position
+
+        if not anchors:
+            return [self._marker(doc_id, -1, L) for L in self.layers]
+        tok_ids, offs = self.ex.tokenize(text)
+        special = self.ex.special
+        usable = [(s, e) if t not in special else (0, 0) for t, (s, e) in zip(tok_ids, offs)]
+        hs = self.ex.hidden([tok_ids])[0]
+        rows = []
+        for rank, (a_pos, a_end) in enumerate(anchors):
+            try:
+                p, err = align_position(int(a_end), usable)
+            except ValueError:
+                p, err = -1, 10 ** 6
+            if p < 0 or abs(err) > self.tol:
+                rows.extend(self._marker(doc_id, UNALIGNED, L, sample_rank=rank, positions_in_doc=len(anchors),
+                                         anchor_position=int(a_pos), align_err=int(err)) for L in self.layers)
+                continue
+            cs, ce = offs[p]
+            prefix = self.ex.tok.decode(tok_ids[: p + 1], skip_special_tokens=True)
+            for L in self.layers:
+                rows.append({"doc_id": doc_id, "position": p, "n_raw_tokens": p + 1, "sample_rank": rank,
+                             "positions_in_doc": len(anchors), "layer": L, "model_id": self.base,
+                             "token_id": int(tok_ids[p]), "token": self.ex.tok.decode([tok_ids[p]]),
+                             "char_start": int(cs), "char_end": int(ce), "prefix_text": prefix,
+                             "vector": hs[L][p].cpu().numpy().astype(np.float32), "seed": self.seed,
+                             "anchor_position": int(a_pos), "align_err": int(err)})
+        return rows
+
+
+class Verbalize(Stage):
+    """gold vectors -> `n_samples` explanations each (AV; per-sample seeds, optional banned tokens).
+
+    Reads `<src>vector` / `<src>position`; writes `<out>explanation`, `<out>av_text`, `<out>status`,
+    `<out>n_gen_tokens`. With n_samples > 1 each row is repeated once per sample (`sample_idx`).
+    """
+
+    def __init__(self, name: str, num_cpus: float, *, av_dir: str, dtype: str = "auto", seed: int = 42,
+                 temperature: float = 0.0, n_samples: int = 1, max_new_tokens: int = 150,
+                 banned_chars: list | None = None, backend: str = "loop", src: str = "", out: str = ""):
+        super().__init__(name, num_cpus)
+        from nla_ray.nla import pairs
+
+        self.av = pairs.load_av(av_dir, dtype=dtype, max_new_tokens=max_new_tokens, backend=backend)
+        self.banned = self.av.banned_ids_for(banned_chars) if banned_chars else None
+        self.seed, self.temperature, self.n_samples = seed, temperature, max(1, n_samples)
+        self.src, self.out = src, out
+
+    def process(self, batch: dict) -> dict:
+        from nla_ray.core.noise import sample_seed
+
+        n_in = len(batch["doc_id"])
+        if self.n_samples > 1:
+            idx = np.repeat(np.arange(n_in), self.n_samples)
+            out = {k: v[idx] for k, v in batch.items()}
+            out["sample_idx"] = np.tile(np.arange(self.n_samples), n_in)
+        else:
+            out = dict(batch)
+            out.setdefault("sample_idx", np.zeros(n_in, dtype=np.int64))
+        n = len(out["doc_id"])
+        pos, vec = out[f"{self.src}position"], out[f"{self.src}vector"]
+        # "" rather than None: Ray turns None in object columns into NaN between stages.
+        expl, raw = np.array([""] * n, dtype=object), np.array([""] * n, dtype=object)
+        status, ntok = np.array([SHORT] * n, dtype=object), np.zeros(n, dtype=np.int64)
+        vi = np.nonzero(pos >= 0)[0]
+        if len(vi):
+            seeds = [sample_seed(self.seed, out["doc_id"][i], int(pos[i]), int(out[f"{self.src}layer"][i]),
+                                 int(out["sample_idx"][i])) for i in vi]
+            samples = self.av.generate(vec[vi], temperature=self.temperature, seeds=seeds, banned_ids=self.banned)
+            for i, s in zip(vi, samples):
+                expl[i], raw[i], status[i], ntok[i] = s.explanation or "", s.text, s.status, s.n_tokens
+        o = self.out
+        out.update({f"{o}explanation": expl, f"{o}av_text": raw, f"{o}status": status, f"{o}n_gen_tokens": ntok})
+        return out
+
+
+def ar_input_texts(explanations, statuses, raw_texts) -> list[str]:
+    """What the AR reads: the explanation, or for a decode with no opening tag the raw text (a tag
+    failure is scored on whatever the AV produced; `status` keeps it separable)."""
+    return [str(r) if s == "no_open_tag" else str(e) for e, s, r in zip(explanations, statuses, raw_texts)]
+
+
+class Reconstruct(Stage):
+    """explanations -> reconstructions and per-row NMSE/cos against a gold vector column (AR).
+
+    `reads` lists what this AR reads, as (text column, gold column, position column, suffix): one pool
+    can score several texts (e.g. both families' explanations in cross-family transfer) with one copy
+    of the model. Each read writes `recon<suffix>`, `nmse<suffix>`, `cos<suffix>`.
+    """
+
+    def __init__(self, name: str, num_cpus: float, *, ar_dir: str, dtype: str = "auto", batch_size: int = 16,
+                 reads: list | None = None):
+        super().__init__(name, num_cpus)
+        from nla_ray.nla import pairs
+
+        self.ar = pairs.load_ar(ar_dir, dtype=dtype)
+        self.bs = max(1, batch_size)
+        self.reads = [tuple(r) for r in (reads or [("explanation", "vector", "position", "")])]
+
+    def process(self, batch: dict) -> dict:
+        from nla_ray.core import metrics
+
+        out = dict(batch)
+        n = len(batch["doc_id"])
+        for text, gold_col, position, suffix in self.reads:
+            gold = batch[gold_col]
+            recon = np.zeros_like(gold, dtype=np.float32)
+            nm, cs = np.full(n, np.nan, dtype=np.float32), np.full(n, np.nan, dtype=np.float32)
+            vi = np.nonzero(batch[position] >= 0)[0]
+            if len(vi):
+                texts = batch[text][vi]
+                # the text column's AV outputs sit beside it: '<p>explanation' -> '<p>status', '<p>av_text'
+                p = text[: -len("explanation")] if text.endswith("explanation") else None
+                if p is not None and f"{p}status" in batch:
+                    texts = ar_input_texts(texts, batch[f"{p}status"][vi], batch[f"{p}av_text"][vi])
+                r = self.ar.reconstruct([str(t) for t in texts], batch_size=self.bs)
+                recon[vi] = r
+                nm[vi] = metrics.nmse(r, gold[vi], self.ar.meta.mse_scale)
+                cs[vi] = metrics.cosine(r, gold[vi])
+            out.update({f"recon{suffix}": recon, f"nmse{suffix}": nm, f"cos{suffix}": cs})
+        return out
+
+
+class Apply(Stage):
+    """A CPU function over the batch (e.g. editing explanations before an AR reads them)."""
+
+    def __init__(self, name: str, num_cpus: float, *, fn: Callable[[dict], dict], **fn_kwargs: Any):
+        super().__init__(name, num_cpus)
+        self.fn, self.fn_kwargs = fn, fn_kwargs
+
+    def process(self, batch: dict) -> dict:
+        return self.fn(dict(batch), **self.fn_kwargs)
+
+
+# -------------------------------------------------------------------------------------------
+# builders: a stage spec from the one config schema
+
+
+def extract_spec(cfg, *, name: str = "extract", layers: list[int] | None = None, align_tolerance: int = 2) -> StageSpec:
+    pool = cfg.pools["extract"]
+    return StageSpec(Extract, name, pool, dict(base=cfg.base, layers=list(layers or cfg.layers), seed=cfg.seed,
+                                               positions_per_doc=cfg.positions_per_doc, max_length=cfg.max_length,
+                                               dtype=pool.dtype, align_tolerance=align_tolerance))
+
+
+def av_spec(cfg, av_dir: str, *, name: str = "av", src: str = "", out: str = "", pool=None, **override) -> StageSpec:
+    pool, a = pool or cfg.pools["av"], cfg.av
+    kw = dict(av_dir=str(av_dir), dtype=pool.dtype, seed=cfg.seed, temperature=a.temperature, n_samples=a.n_samples,
+              max_new_tokens=a.max_new_tokens, banned_chars=list(a.banned_chars), backend=a.backend, src=src, out=out)
+    kw.update(override)
+    return StageSpec(Verbalize, name, pool, kw)
+
+
+def ar_spec(cfg, ar_dir: str, *, name: str = "ar", reads: list | None = None, pool=None) -> StageSpec:
+    """An AR pool; `reads`: (text column, gold column, position column, suffix) tuples."""
+    pool = pool or cfg.pools["ar"]
+    return StageSpec(Reconstruct, name, pool, dict(ar_dir=str(ar_dir), dtype=pool.dtype, batch_size=pool.batch_size,
+                                                   reads=[list(r) for r in (reads or [("explanation", "vector", "position", "")])]))
+
+
+def apply_spec(fn: Callable[[dict], dict], *, name: str, num_cpus: float = 1.0, batch_size: int = 64,
+               **fn_kwargs) -> StageSpec:
+    return StageSpec(Apply, name, PoolConfig(num_cpus=num_cpus, batch_size=batch_size), dict(fn=fn, **fn_kwargs))

@@ -1,0 +1,1 @@
+"""Training the mini pairs: targets, SFT, GRPO."""
