@@ -38,10 +38,7 @@ COLS = {"a": ("", "vector", "position"), "b": ("b_", "b_vector", "b_position")}
 def run(ctx: Context) -> Result:
     cfg = {"a": ctx.cfg, "b": ctx.partner()}
     tol = ctx.args.align_tolerance
-    key_a, acts_a = ctx.activations(cfg["a"])
-    anchors = X.anchors_from(acts_a, cfg["a"].layer)
-    _, acts_b = ctx.activations(cfg["b"], anchors=anchors, anchor_key=key_a.digest(), align_tolerance=tol)
-    joined, align = X.join_families(acts_a, acts_b, tol)
+    joined, align = ctx.paired(cfg["a"], cfg["b"], tol)
     dirs = {f: ctx.pair(cfg[f]) for f in FAMS}
     stages = [av_spec(cfg[f], dirs[f].av, name=f"av_{f}", src=COLS[f][0], out=COLS[f][0],
                       pool=cfg[f].cross_pools.get("av") or cfg[f].pools["av"]) for f in FAMS]

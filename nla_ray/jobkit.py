@@ -184,6 +184,16 @@ class Context:
             return self.store.ensure(spec, self.documents(cfg), address=self.args.ray_address, anchors=anchors,
                                      anchor_key=anchor_key)
 
+    def paired(self, cfg_a: NLAConfig, cfg_b: NLAConfig, tolerance: int = 2):
+        """Both families at the same document positions: A's stored rows (stage-0 positions) beside
+        B's rows aligned to them by character offset (`b_` columns). Returns (rows, alignment stats)."""
+        from nla_ray.analysis.cross_family import anchors_from, join_families
+
+        key_a, acts_a = self.activations(cfg_a)
+        _, acts_b = self.activations(cfg_b, anchors=anchors_from(acts_a, cfg_a.layer), anchor_key=key_a.digest(),
+                                     align_tolerance=tolerance)
+        return join_families(acts_a, acts_b, tolerance)
+
     def run(self, arm: str, stages: list, source, *, per_position: int = 1, extra_fp: dict | None = None,
             fp_stages: list | None = None, tee=None) -> pa.Table:
         """Run `stages` over `source` (documents or a row table) into `<out>/rows[/<arm>]`, resuming

@@ -601,6 +601,18 @@ SOURCE_KINDS: dict[str, type[_Source]] = {
 }
 
 
+def train_slice(spec: Mapping[str, Any]) -> dict:
+    """The training slice of the corpus an evaluation spec reads from: the packaged corpus's train
+    split, or for a Hub corpus the documents before the held-out range (the release trained on
+    Ultra-FineWeb docs 0-100000 and the assessment held out 100000-102000)."""
+    spec = dict(spec)
+    if spec.get("kind") == "packaged_bbc":
+        return {**spec, "split": "train"}
+    if spec.get("kind") == "hf" and spec.get("start"):
+        return {**spec, "start": 0, "stop": int(spec["start"])}
+    raise ValueError(f"corpus {spec}: no training slice is defined (give a packaged_bbc split or an hf start)")
+
+
 def make_source(spec: Mapping[str, Any]) -> _Source:
     """Build a source from ``{"kind": ..., **params}``.
 
