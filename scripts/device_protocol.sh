@@ -6,7 +6,10 @@
 # Each job writes results/<job>/<preset>/ (summary.json, table.md, figures); this script copies
 # them into $OUT/<job>-<preset>/ and a log per job, so they come back with the call.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1 || exit 1
+# Wheels may come in several calls (one call carries at most 64 MiB): install whatever came.
+for w in .whl .whl2; do
+  [ -d "$w" ] && { python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$w"/*.whl >/dev/null 2>&1 || exit 1; }
+done
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 RAY_AUTH_MODE=token
 export NLA_RAY_CACHE=/root/nla_cache NLA_RAY_STORE=/root/nla_store TOKENIZERS_PARALLELISM=false
 JOBS=${1:?jobs}; PRESETS=${2:-mini}
