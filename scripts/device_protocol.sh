@@ -8,9 +8,9 @@
 set -uo pipefail
 # Wheels may come in several calls (one call carries at most 64 MiB): install whatever came.
 for w in .whl .whl2; do
-  [ -d "$w" ] && { python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$w"/*.whl >/dev/null 2>&1 || exit 1; }
+  [ -d "$w" ] && { python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /root/site "$w"/*.whl >/dev/null 2>&1 || exit 1; }
 done
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 RAY_AUTH_MODE=token
+export PYTHONPATH=/root/site NLA_RAY_GGUF_DIR=/root/nla_stage PYTHONUNBUFFERED=1 RAY_AUTH_MODE=token
 export NLA_RAY_CACHE=/root/nla_cache NLA_RAY_STORE=/root/nla_store TOKENIZERS_PARALLELISM=false
 JOBS=${1:?jobs}; PRESETS=${2:-mini}
 # The mini models are small: every pool shares the one GPU, fp32 (Gemma-3-270M in bf16 degenerates).
