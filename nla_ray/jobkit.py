@@ -354,8 +354,9 @@ def compare_rows(a: pa.Table, b: pa.Table, text: str = "explanation", vec: str =
     ra, rb = vectors(a, vec), vectors(b, vec)
     same_text = sum(ta[ia[k]] == tb[ib[k]] for k in common)
     same_vec = sum(np.array_equal(ra[ia[k]], rb[ib[k]]) for k in common)
+    diff = max((float(np.abs(ra[ia[k]] - rb[ib[k]]).max()) for k in common), default=float("nan"))
     return {"rows_compared": len(common), "identical_explanations": int(same_text),
-            "bit_identical_reconstructions": int(same_vec),
+            "bit_identical_reconstructions": int(same_vec), "max_abs_recon_diff": diff,
             "bit_identical": len(common) > 0 and same_text == same_vec == len(common)}
 
 

@@ -131,7 +131,8 @@ def test_cross_family_job_wiring_store_and_resume(tiny_families):
         assert job.JOB.entry(args) == 0
         s2 = json.loads((out / "summary.json").read_text())
         assert len(list(store.rglob("part-*.parquet"))) == n_store
-        assert s2["headline"]["fve"] == s1["headline"]["fve"]
+        # redone documents may land in other AR batches: equal up to float32 rounding of padded batches
+        assert s2["headline"]["fve"] == pytest.approx(s1["headline"]["fve"], abs=1e-5)
         # The within-family cell equals reproduce_fve's round trip on the same stored activations.
         sys.path.insert(0, sys_path)
         try:
@@ -145,7 +146,7 @@ def test_cross_family_job_wiring_store_and_resume(tiny_families):
                                           r2.column("nmse").to_pylist())}
         for d, p, n in zip(rows.column("doc_id").to_pylist(), rows.column("position").to_pylist(),
                            rows.column("nmse_aa").to_pylist()):
-            assert k2[(d, p)] == n
+            assert k2[(d, p)] == pytest.approx(n, rel=1e-4, abs=1e-6)
     finally:
         ray.shutdown()
         shutil.rmtree(store, ignore_errors=True)

@@ -50,10 +50,13 @@ def test_reproduce_fve_runs_resumes_and_is_deterministic(tmp_path):
     assert s2["run"]["arms"]["main"]["docs_submitted"] == 0
     assert s2["run"]["arms"]["main"]["docs_skipped_done"] == s1["run"]["arms"]["main"]["docs_total"]
     assert s2["headline"]["fve_own"]["value"] == h["fve_own"]["value"]
-    # A second run into a new dir reads the stored activations (no extraction) and is bit-identical.
+    # A second run into a new dir reads the stored activations (no extraction): the same explanations,
+    # and reconstructions equal up to float32 rounding (its AR batches may be composed differently).
     s3 = _run_job(tmp_path / "run2", "--verify-against", str(out))
     assert set(s3["timeline"]["stages"]) == {"av", "ar"}
-    assert s3["verify_against"]["bit_identical"], s3["verify_against"]
+    v = s3["verify_against"]
+    assert v["rows_compared"] == 6 and v["identical_explanations"] == 6, v
+    assert v["max_abs_recon_diff"] < 1e-4, v
 
 
 def test_partial_documents_are_redone(tmp_path):

@@ -28,7 +28,7 @@ def ray_head(tmp_path):
                PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     port, dash = "6391", "8273"
     start = [_ray_bin(), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", port,
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", dash, "--num-cpus", "4",
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", dash, "--num-cpus", "6",
              "--disable-usage-stats"]
     r = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]

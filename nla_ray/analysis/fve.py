@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from nla_ray.core import metrics
-from nla_ray.core.table import column, scored, vectors
+from nla_ray.core.table import scored, vectors
 
 
 def fve_block(table: pa.Table, scale: float, var_train: float | None, *, n_boot: int = 1000,

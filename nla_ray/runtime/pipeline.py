@@ -52,8 +52,10 @@ def init_ray(address: str | None, stages: Sequence[StageSpec] = ()):
     else:
         # A local cluster: declare at least as many logical CPUs as the pools ask for, so several
         # single-CPU actors can coexist on a 2-core laptop (they time-share; torch threads are capped).
+        # address="local": a fresh instance even when a `ray start` cluster runs on this machine (without
+        # it, ray.init would join that cluster and refuse num_cpus); pass --ray-address to join one.
         want = sum(s.pool.num_cpus * max(1, s.pool.concurrency) for s in stages) + 1
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(np.ceil(want))), include_dashboard=False,
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(np.ceil(want))), include_dashboard=False,
                  runtime_env=env, log_to_driver=True)
     return ray
 
