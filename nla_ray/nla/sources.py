@@ -137,9 +137,12 @@ def _dequantize_to_cache(gguf: Path, chat_template: str | None, label: str) -> P
 
     t0 = time.time()
     print(f"[nla_ray] dequantizing {gguf.name} once (cached at {out}) ...", flush=True)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 dtype=torch.float32)
+    from .gguf_read import fast_gguf_reader
+
+    with fast_gguf_reader():  # transformers parses the file three times; the stock reader is slow
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
     if chat_template and not getattr(tok, "chat_template", None):
         tok.chat_template = chat_template
     check_tokenizer_sanity(tok, gguf.name)
