@@ -150,3 +150,49 @@ def test_cross_family_job_wiring_store_and_resume(tiny_families):
     finally:
         ray.shutdown()
         shutil.rmtree(store, ignore_errors=True)
+
+
+def _job(name):
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "jobs"))
+
+
+@pytest.mark.ray
+def test_ridge_baseline_job_tune_trials_and_refit(tiny_families):
+    """§7b on the tiny families: Tune trials per (direction, map, size, setting), best refit on held-out."""
+    import ray
+
+    tmp, preset = tiny_families
+    route = tmp / "route"
+    route.mkdir()
+    (route / "summary.json").write_text(json.dumps({"headline": {"fve": {"ab": 0.11, "ba": 0.22}}}))
+    out = tmp / "ridge"
+    args = ["--preset", str(preset), "--out", str(out), "--store", str(tmp / "store_ridge"), "--train-docs", "8",
+            "--train-positions", "3", "--n-trains", "12,1000", "--folds", "2", "--alphas", "0.001,30",
+            "--gammas", "1", "--landmarks", "8", "--text-route", str(route)]
+    try:
+        assert _job("ridge_baseline").JOB.entry(args) == 0
+    finally:
+        ray.shutdown()
+    s = json.loads((out / "summary.json").read_text())
+    trials = s["trials"]
+    # 2 directions x (linear: 2 alphas + rbf: 2 alphas x 1 gamma) x 2 sizes, every one a finished trial
+    assert len(trials) == 16 and all(t["error"] is None and np.isfinite(t["cv_fve"]) for t in trials)
+    assert {(t["direction"], t["kind"]) for t in trials} == {(d, k) for d in ("a_to_b", "b_to_a")
+                                                             for k in ("linear", "rbf")}
+    rows = s["rows"]
+    assert len(rows) == 8 and s["headline"]["text_route"]["a_to_b"] == 0.11
+    pairs = s["headline"]["pairs_train"]
+    assert pairs <= 24 and {r["n_train_used"] for r in rows} == {12, pairs}
+    for r in rows:  # the refit uses the setting with the best CV score in its (direction, map, size)
+        cell = [t for t in trials if (t["direction"], t["kind"], t["n_train"]) == (r["key"], r["kind"], r["n_train"])]
+        assert r["params"] == max(cell, key=lambda t: t["cv_fve"])["params"]
+        assert np.isfinite(r["fve_own"]) and r["n_test"] == s["headline"]["pairs_heldout"]
+    assert (out / "ridge_curve.png").stat().st_size > 0
+    assert "Ray Tune trials" in (out / "table.md").read_text()

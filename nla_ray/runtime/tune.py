@@ -1,0 +1,193 @@
+"""Ray Tune driving the §7b ridge baseline's cross-validation.
+
+One Tune trial scores one cell: a direction (A->B or B->A), a model kind, a training-set size
+and one hyper-parameter setting, by k-fold CV (:func:`nla_ray.analysis.ridge.cv_fold_scores`)
+on a document-grouped subset of the training slice. The arithmetic lives in
+:mod:`nla_ray.analysis.ridge`; this module only fans the cells out and collects a table.
+
+    rows, best = ridge_sweep(X, Y, groups, None, kinds=("linear", "rbf"),
+                             n_trains=(1000, 5000, 20000), directions=("a_to_b", "b_to_a"))
+    best[("a_to_b", "rbf", 5000)]["params"]  # -> settings for ridge.learning_curve_rows
+
+The paired arrays travel to the trials once, through the object store (``tune.with_parameters``),
+not inside each trial's config. Each trial reports its wall-clock ``t_start`` / ``t_end`` and
+its process id, so a caller can see how trials were spread over time and workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from nla_ray.analysis import ridge
+
+__all__ = ["DIRECTIONS", "sweep_cells", "ridge_sweep", "best_configs"]
+
+# a_to_b fits A's residual -> B's residual; b_to_a swaps the two arrays.
+DIRECTIONS = ("a_to_b", "b_to_a")
+BEST_KEYS = ("direction", "kind", "n_train")
+
+
+def sweep_cells(kinds: Sequence[str], n_trains: Sequence[int], directions: Sequence[str],
+                grid: Optional[Mapping[str, Sequence[Mapping[str, Any]]]] = None) -> list[dict]:
+    """Every (direction, kind, n_train, params) cell of a sweep, one Tune trial each.
+
+    ``grid`` maps a kind to its list of settings; a kind it does not name (or ``grid=None``)
+    gets :func:`nla_ray.analysis.ridge.param_grid`'s defaults.
+    """
+    for d in directions:
+        if d not in DIRECTIONS:
+            raise ValueError(f"unknown direction {d!r}; expected one of {DIRECTIONS}")
+    cells = []
+    for direction in directions:
+        for kind in kinds:
+            settings = (grid or {}).get(kind) or ridge.param_grid(kind)
+            for n_train in n_trains:
+                for params in settings:
+                    cells.append({"direction": direction, "kind": kind, "n_train": int(n_train),
+                                  "params": dict(params)})
+    return cells
+
+
+def _cv_trial(config: dict, *, X: np.ndarray, Y: np.ndarray, groups: Optional[np.ndarray],
+              k: int, seed: int, scale: Any, cpus: int) -> None:
+    """Tune function trainable: CV-score one cell and report it once."""
+    from ray import tune
+    from threadpoolctl import threadpool_limits
+
+    t_start = time.time()
+    cell = config["cell"]
+    src, dst = (X, Y) if cell["direction"] == "a_to_b" else (Y, X)
+    idx = ridge.train_subset(src.shape[0], cell["n_train"], groups, seed)
+    # BLAS would otherwise start one thread per core in every concurrent trial and oversubscribe
+    # the node; a trial gets as many threads as the CPUs Tune reserved for it.
+    with threadpool_limits(limits=cpus):
+        folds = ridge.cv_fold_scores(src[idx], dst[idx], cell["kind"], cell["params"], k=k,
+                                     seed=seed, groups=None if groups is None else groups[idx],
+                                     scale=scale)
+    tune.report({"cv_fve": float(np.mean(folds)), "cv_fve_std": float(np.std(folds)),
+                 "cv_fve_min": float(np.min(folds)), "n_train_used": int(len(idx)),
+                 "t_start": t_start, "t_end": time.time(), "pid": os.getpid()})
+
+
+def _start_ray(cpus_needed: int, address: Optional[str]) -> bool:
+    """Make sure Ray is up; True when this call started it (and so must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    else:
+        # A local node with at least the CPUs the concurrent trials reserve; more logical CPUs
+        # than cores only time-share them.
+        ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False,
+                 logging_level=logging.WARNING, log_to_driver=False)
+    return True
+
+
+def _trial_row(result: Any) -> dict:
+    """One table row from a Tune ``Result``: the cell, its flattened params and its metrics."""
+    cell = result.config["cell"]
+    m = result.metrics or {}
+    row = {"trial_id": m.get("trial_id"), "direction": cell["direction"], "kind": cell["kind"],
+           "n_train": cell["n_train"], "params": dict(cell["params"]), **cell["params"]}
+    for key in ("cv_fve", "cv_fve_std", "cv_fve_min", "n_train_used", "t_start", "t_end", "pid"):
+        row[key] = m.get(key, math.nan)
+    row["error"] = None if result.error is None else repr(result.error)
+    return row
+
+
+def ridge_sweep(X: Any, Y: Any, groups: Optional[Any] = None,
+                grid: Optional[Mapping[str, Sequence[Mapping[str, Any]]]] = None, *,
+                kinds: Sequence[str] = ridge.KINDS,
+                n_trains: Sequence[int] = (1000, 5000, 20000),
+                directions: Sequence[str] = ("a_to_b",), k: int = 5, seed: int = 0,
+                scale: Any = "sqrt_d_model", cpus_per_trial: int = 1,
+                max_concurrent: Optional[int] = None, storage_path: Optional[str] = None,
+                name: str = "ridge_cv", address: Optional[str] = None,
+                verbose: int = 0) -> tuple[list[dict], dict]:
+    """Cross-validate every cell of the sweep as one Tune trial; ``(rows, best)``.
+
+    ``X`` / ``Y``: paired rows of family A and family B (the training slice only: held-out rows
+    must not be here). ``groups``: document id per row, for grouped subsets and folds.
+    ``grid``: settings per kind (see :func:`sweep_cells`). Each trial reserves
+    ``cpus_per_trial`` CPUs; ``max_concurrent`` caps simultaneous trials (None: as many as the
+    cluster's CPUs allow). Uses the caller's Ray if initialised, else starts a local one (or
+    joins ``address`` / ``RAY_ADDRESS``) and shuts it down afterwards. Tune's files go under
+    ``storage_path/name`` (default: a fresh temporary directory), never ``~/ray_results``.
+
+    ``rows``: one dict per trial with ``direction``, ``kind``, ``n_train`` (requested),
+    ``n_train_used``, ``params`` (and each param as its own column), ``cv_fve`` (mean held-out
+    FVE over folds), ``cv_fve_std``, ``t_start`` / ``t_end`` (epoch seconds), ``pid``,
+    ``trial_id`` and ``error`` (None, or the failure after Tune's retries). ``best``:
+    :func:`best_configs` of ``rows``.
+    """
+    import ray
+    from ray import tune
+
+    X = np.ascontiguousarray(ridge.unit(X))
+    Y = np.ascontiguousarray(ridge.unit(Y))
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError(f"X has {X.shape[0]} rows but Y has {Y.shape[0]}")
+    g = None if groups is None else np.asarray(groups)
+    cells = sweep_cells(kinds, n_trains, directions, grid)
+    storage = Path(storage_path or tempfile.mkdtemp(prefix="nla_ray_tune_")).resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+
+    # Without a cap, a fresh local node gets the machine's cores and Tune fills them.
+    started = _start_ray(cpus_per_trial * min(max_concurrent or 1, len(cells)), address)
+    try:
+        have = ray.cluster_resources().get("CPU", 0)
+        if have < cpus_per_trial:
+            # Tune would wait forever for a placement that can never be made.
+            raise ValueError(f"cluster has {have} CPUs, a trial needs {cpus_per_trial}")
+        # Unit rows once here, not per trial: the trials receive the normalised arrays via the
+        # object store (with_parameters puts each array there once for all trials).
+        trainable = tune.with_resources(
+            tune.with_parameters(_cv_trial, X=X, Y=Y, groups=g, k=k, seed=seed, scale=scale,
+                                 cpus=cpus_per_trial),
+            {"cpu": cpus_per_trial})
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"cell": tune.grid_search(cells)},
+            tune_config=tune.TuneConfig(metric="cv_fve", mode="max",
+                                        max_concurrent_trials=max_concurrent,
+                                        trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage),
+                                      failure_config=tune.FailureConfig(max_failures=2),
+                                      verbose=verbose),
+        )
+        result_grid = tuner.fit()
+        rows = [_trial_row(r) for r in result_grid]
+    finally:
+        if started:
+            ray.shutdown()
+    return rows, best_configs(rows)
+
+
+def best_configs(results: Sequence[Mapping[str, Any]],
+                 keys: Sequence[str] = BEST_KEYS) -> dict:
+    """The highest-``cv_fve`` row per ``keys`` (default ``(direction, kind, n_train)``).
+
+    Direction is part of the key because A->B and B->A are different regressions whose best
+    settings need not agree. Rows that failed (NaN or missing ``cv_fve``) never win; a group
+    whose trials all failed is absent. Ties keep the first row in ``results`` order.
+    """
+    best: dict = {}
+    for row in results:
+        score = row.get("cv_fve")
+        if score is None or not math.isfinite(score):
+            continue
+        key = tuple(row[k] for k in keys)
+        if key not in best or score > best[key]["cv_fve"]:
+            best[key] = dict(row)
+    return best
