@@ -115,7 +115,7 @@ def decode_vocab(tokenizer) -> list[str]:
 
     ``len(tokenizer)`` (not ``vocab_size``) so added/special tokens are covered too: a mask that
     missed an added token containing a quote would leak. ``batch_decode`` gives the same strings as
-    per-id ``decode`` (same kwargs) but runs the loop in the Rust backend.
+    per-id ``decode``.
     """
     try:
         cached = _VOCAB_CACHE.get(tokenizer)
@@ -124,7 +124,16 @@ def decode_vocab(tokenizer) -> list[str]:
     if cached is not None:
         return cached
     n = len(tokenizer)
-    decoded = list(tokenizer.batch_decode([[i] for i in range(n)]))
+    ids = [[i] for i in range(n)]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        # The Rust backend directly: transformers' decode adds only the optional space clean-up
+        # (off here), and this skips its per-id Python overhead.
+        decoded = list(backend.decode_batch(ids, skip_special_tokens=False))
+    else:
+        # Clean-up only drops spaces before punctuation, never adds or removes a quote character,
+        # but take the exact transformers path anyway when it is on.
+        decoded = list(tokenizer.batch_decode(ids))
     try:
         _VOCAB_CACHE[tokenizer] = decoded
     except TypeError:
@@ -150,8 +159,25 @@ _BYTE_DECODER = _gpt2_byte_decoder()
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
+_BYTE_LEVEL_CACHE: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
 def _is_byte_level(tokenizer) -> bool:
     """True when the tokenizer's pieces are GPT-2 byte-level strings (SmolLM2, Llama-3, Qwen)."""
+    # Answering serialises the whole tokenizer to JSON (~0.1 s); token_bytes asks once per token.
+    try:
+        return _BYTE_LEVEL_CACHE[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    answer = _byte_level_uncached(tokenizer)
+    try:
+        _BYTE_LEVEL_CACHE[tokenizer] = answer
+    except TypeError:
+        pass
+    return answer
+
+
+def _byte_level_uncached(tokenizer) -> bool:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         try:
@@ -227,9 +253,15 @@ def banned_token_ids(tokenizer, chars: Sequence[str], *, fragments: bool = True)
     decoded = decode_vocab(tokenizer)
     suffixes = _completing_suffixes(chars) if fragments else ()
     byte_level = _is_byte_level(tokenizer) if suffixes else False
+    # One character class instead of a per-char loop: 262k strings x ~30 chars adds up.
+    # (An entry longer than one char is matched as a substring, as banned_ids_for does.)
+    if all(len(c) == 1 for c in chars):
+        has_char = re.compile("[" + "".join(re.escape(c) for c in chars) + "]").search
+    else:
+        has_char = re.compile("|".join(re.escape(c) for c in sorted(chars, key=len, reverse=True))).search
     banned = []
     for i, s in enumerate(decoded):
-        if any(c in s for c in chars):
+        if has_char(s):
             banned.append(i)
         elif suffixes and _REPLACEMENT in s:
             if token_bytes(tokenizer, i, byte_level=byte_level).startswith(suffixes):
