@@ -37,7 +37,7 @@ def _cmd_pairs(a) -> int:
     for name, cfg in pairs.MINI_PAIRS.items():
         shipped = (pairs.SHIPPED_DIR / name / "av" / "nla_meta.yaml").is_file()
         print(f"mini:{name:<14} base {cfg['base']:<18} layer {cfg['layer']:<3} "
-              f"{'trained (shipped)' if shipped else 'untrained (built on first use)'}")
+              f"{'trained (shipped)' if shipped else 'MISSING: train it, or use mini-untrained:' + name}")
     return 0
 
 

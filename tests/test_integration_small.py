@@ -2,6 +2,8 @@
 full vector -> text -> vector round trip through the mini SmolLM2 pair on a packaged BBC document.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -40,7 +42,10 @@ def test_gemma3_injection_token_and_neighbours(gemma_tok):
 @pytest.fixture(scope="module")
 def mini_pair():
     dirs = pairs.resolve_pair("mini:smollm2-L20")
-    av = pairs.load_av(dirs.av, device="cpu", max_new_tokens=8)
+    # the trained pair that ships in the package, never a stand-in built on the fly
+    assert Path(dirs.av) == pairs.SHIPPED_DIR / "smollm2-L20" / "av"
+    assert (Path(dirs.av) / "adapter" / "adapter_model.safetensors").is_file()
+    av = pairs.load_av(dirs.av, device="cpu", max_new_tokens=64)
     ar = pairs.load_ar(dirs.ar, device="cpu")
     return av, ar
 
@@ -70,11 +75,14 @@ def test_mini_pair_round_trip(mini_pair):
     first = av.generate(vectors)
     second = av.generate(vectors)
     assert [s.text for s in first] == [s.text for s in second]
-    assert all(0 < s.n_tokens <= 8 for s in first)
-    assert all(s.status in ("ok", "no_close_tag", "no_open_tag") for s in first)
+    assert all(0 < s.n_tokens <= 64 for s in first)
+    # The trained AV writes its tagged explanation (held-out tag failures are 0%); the base model
+    # without the adapter writes generic prose with no tag, which this catches.
+    assert all(s.status == "ok" and s.explanation for s in first), [s.text for s in first]
 
-    recon = ar.reconstruct([s.explanation or s.text for s in first])
+    recon = ar.reconstruct([s.explanation for s in first])
     assert recon.shape == (2, 576) and recon.dtype == np.float32
     assert np.isfinite(recon).all()
     nmse = M.nmse(recon, vectors, ar.meta.mse_scale)
-    assert np.isfinite(nmse).all() and np.all((nmse >= 0) & (nmse <= 4 + 1e-4))
+    # Trained pair: mean held-out NMSE 0.23 over 1000 activations; an untrained pair sits near 1.
+    assert np.isfinite(nmse).all() and float(np.mean(nmse)) < 0.7, nmse

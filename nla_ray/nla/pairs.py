@@ -34,7 +34,8 @@ MINI_PAIRS = {
     "smollm2-L20": {"base": "pkg:smollm2-135m", "layer": 20},
     "gemma3-L12": {"base": "pkg:gemma3-270m", "layer": 12},
 }
-SHIPPED_DIR = Path(__file__).resolve().parent / "pairs"
+# nla_ray/pairs/, beside this package (nla_ray/nla/): the trained mini pairs ship there.
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "pairs"
 # Characters the release chose; reused when the tokenizer has them as single tokens.
 RELEASE_CHARS = ("\u321c", "\u320e", "\u33a1")  # ㈜ (Gemma-3), ㈎ (Qwen), ㎡ (Llama-3.3)
 # Anchor text for measuring activation norms when choosing an injection scale.
@@ -65,15 +66,26 @@ def _local_dir(spec: str) -> Path:
 
 
 def resolve_pair(spec: str) -> PairDirs:
-    if spec.startswith("mini:"):
-        name = spec[5:]
-        if name not in MINI_PAIRS:
-            raise ValueError(f"unknown mini pair {name!r}; known: {sorted(MINI_PAIRS)}")
-        shipped = SHIPPED_DIR / name
-        if (shipped / "av" / "nla_meta.yaml").is_file():
+    """``mini:NAME`` (the trained pair shipped in nla_ray/pairs/), ``mini-untrained:NAME`` (built on
+    first use: the base model with an identity AV/AR, for plumbing checks only), a directory with
+    av/ and ar/, or ``AV,AR`` (two directories or hub ids)."""
+    for prefix in ("mini:", "mini-untrained:"):
+        if spec.startswith(prefix):
+            name = spec[len(prefix):]
+            if name not in MINI_PAIRS:
+                raise ValueError(f"unknown mini pair {name!r}; known: {sorted(MINI_PAIRS)}")
+            if prefix == "mini-untrained:":
+                d = ensure_untrained_pair(name)
+                return PairDirs(str(d / "av"), str(d / "ar"))
+            shipped = SHIPPED_DIR / name
+            # Never fall back to an untrained pair here: its numbers look like results but mean nothing.
+            for role in ("av", "ar"):
+                if not (shipped / role / "nla_meta.yaml").is_file():
+                    raise FileNotFoundError(
+                        f"pair {spec}: the trained pair is missing ({shipped / role / 'nla_meta.yaml'} not found); "
+                        f"train it with `python jobs/train_mini_nla.py --family {name}`, or ask for "
+                        f"mini-untrained:{name} explicitly")
             return PairDirs(str(shipped / "av"), str(shipped / "ar"))
-        d = ensure_untrained_pair(name)
-        return PairDirs(str(d / "av"), str(d / "ar"))
     if "," in spec:
         av, ar = (s.strip() for s in spec.split(",", 1))
         return PairDirs(str(_local_dir(av)), str(_local_dir(ar)))
