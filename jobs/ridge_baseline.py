@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `ray job subm
 
 from nla_ray.analysis import ridge  # noqa: E402
 from nla_ray.core.table import vectors  # noqa: E402
-from nla_ray.jobkit import Context, Job, Result, Table, UserError, default_out, repo_root  # noqa: E402
+from nla_ray.jobkit import Context, Job, Result, Table, UserError, ci_str, default_out, repo_root  # noqa: E402
 from nla_ray.nla.corpora import train_slice  # noqa: E402
 from nla_ray.runtime import tune  # noqa: E402
 
@@ -43,6 +43,8 @@ def _args(p):
     p.add_argument("--max-concurrent", type=int, default=None, help="cap on simultaneous trials (default: CPUs)")
     p.add_argument("--text-route", help="cross_family output dir whose FVEs are drawn as levels "
                    "(default: runs/cross_family/<preset>, else results/cross_family/<preset>)")
+    p.add_argument("--replot", action="store_true", help="recompute nothing: redraw the tables and figure of "
+                   "the finished run in --out (e.g. against a newer --text-route); its provenance is kept as computed_by")
 
 
 JOB = Job("ridge_baseline", __doc__, add_args=_args)
@@ -63,6 +65,8 @@ def text_route(ctx: Context) -> dict | None:
 
 @JOB.main
 def run(ctx: Context) -> Result:
+    if ctx.args.replot:
+        return replot(ctx)
     a = ctx.args
     cfg = {"a": ctx.cfg, "b": ctx.partner()}
     train = {}
@@ -96,20 +100,37 @@ def run(ctx: Context) -> Result:
                 params_for=lambda kind, n, key=key: best[(key, kind, n)]["params"],
                 groups_tr=groups, groups_te=te.column("doc_id").to_pylist(),
                 scale=ctx.meta(ar).mse_scale, label=key, seed=ctx.cfg.seed, n_boot=ctx.cfg.bootstrap)]
-    names = {f: cfg[f].name for f in ("a", "b")}
+    counts = {"pairs_train": tr.num_rows, "pairs_heldout": te.num_rows,
+              "alignment_train": align_tr, "alignment_heldout": align_te}
+    return summarize(ctx, rows, trials, counts)
+
+
+def replot(ctx: Context) -> Result:
+    """The finished run in --out, redrawn (tables, figure, text-route levels) without recomputing."""
+    f = ctx.out / "summary.json"
+    if not f.is_file():
+        raise UserError(f"--replot: no finished run in {ctx.out} (summary.json not found)")
+    s = json.loads(f.read_text())
+    counts = {k: s["headline"][k] for k in ("pairs_train", "pairs_heldout", "alignment_train", "alignment_heldout")}
+    return summarize(ctx, s["rows"], s["trials"], counts, computed_by=s.get("computed_by") or s["provenance"])
+
+
+def summarize(ctx: Context, rows: list, trials: list, counts: dict, computed_by: dict | None = None) -> Result:
+    a = ctx.args
+    names = {"a": ctx.cfg.name, "b": ctx.cfg.partner}
     route = text_route(ctx)
     fig = ridge.curve_figure(rows, route, names, ctx.figure("ridge_curve.png"))
     table = [{"direction": f"{names[r['key'][0]]} → {names[r['key'][-1]]}", "map": r["kind"],
-              "pairs": r["n_train_used"], "FVE held-out": r["fve_own"], "95% CI": r.get("fve_own_ci"),
+              "pairs": r["n_train_used"], "FVE held-out": r["fve_own"], "95% CI": ci_str(r["fve_own_ci"]) if r.get("fve_own_ci") else "",
               "null": r.get("fve_null_own"), "setting": r["params"],
               "text route": (route or {}).get(r["key"])} for r in rows]
     trial_cols = ["direction", "kind", "n_train", "params", "cv_fve", "cv_fve_std", "pid", "error"]
     return Result(
         headline={"ridge": [{k: r[k] for k in ("key", "kind", "n_train_used", "fve_own", "fve_train", "params")}
                             for r in rows],
-                  "text_route": route, "pairs_train": tr.num_rows, "pairs_heldout": te.num_rows,
-                  "alignment_train": align_tr, "alignment_heldout": align_te, "trials": len(trials)},
-        extra={"rows": rows, "trials": trials}, figures=[fig],
+                  "text_route": route, **counts, "trials": len(trials)},
+        extra={"rows": rows, "trials": trials, **({"computed_by": computed_by} if computed_by else {})},
+        figures=[fig],
         tables=[Table("Held-out FVE of the best CV setting per direction, map and size "
                       "(seed at 19,995 pairs: ridge 0.422 / 0.240, text route 0.592 / 0.528)", table, list(table[0])),
                 Table(f"Ray Tune trials ({a.folds}-fold CV grouped by document)", trials, trial_cols)],

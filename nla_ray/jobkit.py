@@ -158,6 +158,14 @@ class Context:
             self._pairs[spec] = pairs.resolve_pair(spec)
         return self._pairs[spec]
 
+    def tokenizer(self, cfg: NLAConfig | None = None):
+        """The base model's tokenizer (the pair's AV and AR share it), loaded on the driver."""
+        from transformers import AutoTokenizer
+
+        from nla_ray.nla import sources
+
+        return AutoTokenizer.from_pretrained(sources.resolve((cfg or self.cfg).base).path)
+
     def meta(self, cfg: NLAConfig | None = None, role: str = "ar"):
         from nla_ray.nla.sidecar import read_sidecar
 
@@ -195,14 +203,17 @@ class Context:
         return join_families(acts_a, acts_b, tolerance)
 
     def run(self, arm: str, stages: list, source, *, per_position: int = 1, extra_fp: dict | None = None,
-            fp_stages: list | None = None, tee=None) -> pa.Table:
+            fp_stages: list | None = None, tee=None, root: Path | None = None) -> pa.Table:
         """Run `stages` over `source` (documents or a row table) into `<out>/rows[/<arm>]`, resuming
         finished documents; returns this run's final rows (deduplicated, stable order). The rows'
-        fingerprint is `fp_stages` (default: all stages) plus `extra_fp`."""
+        fingerprint is `fp_stages` (default: all stages) plus `extra_fp`. `root`: another job's
+        output dir whose rows of the same arm and fingerprint are reused (finished documents are not
+        run again; a different fingerprint is refused, naming what changed)."""
         from nla_ray.runtime import pipeline
         from nla_ray.runtime.rows import RowParts, final_table
 
-        parts = RowParts(self.out / "rows" / arm if arm else self.out / "rows")
+        base = Path(root) if root is not None else self.out
+        parts = RowParts(base / "rows" / arm if arm else base / "rows")
         fp = {"stages": pipeline.stages_fingerprint(fp_stages or stages), **(extra_fp or {})}
         if isinstance(source, pa.Table):
             doc_ids = list(dict.fromkeys(source.column("doc_id").to_pylist()))
@@ -214,12 +225,13 @@ class Context:
         with self.timer(f"pipeline{':' + arm if arm else ''}"):
             info = pipeline.run(stages, source=source, parts=parts, fingerprint=fp, per_position=per_position,
                                 expected_rows=expected, address=self.args.ray_address,
-                                fresh=self.args.fresh and arm not in self.runs, tee=tee, log=self.log)
+                                fresh=self.args.fresh and arm not in self.runs and root is None, tee=tee,
+                                log=self.log)
         self.runs[arm or "main"] = info.__dict__
         return final_table(parts.read(), docs=doc_ids)
 
     def round_trip(self, cfg: NLAConfig | None = None, *, arm: str = "", source: pa.Table | None = None,
-                   **av_override) -> pa.Table:
+                   root: Path | None = None, **av_override) -> pa.Table:
         """Activations -> AV pool -> AR pool. When the store has this run's activations they are the
         source; otherwise documents stream through extract -> AV -> AR (three pools side by side) and
         the store keeps the extracted columns as they come. `av_override` changes the AV stage's
@@ -233,7 +245,7 @@ class Context:
         stages = [av, ar_spec(cfg, dirs.ar)]
         per = max(1, av.kwargs["n_samples"]) * len(cfg.extract_layers)
         if source is not None:
-            return self.limit(self.run(arm, stages, source, per_position=per, extra_fp={"source": "rows"}))
+            return self.limit(self.run(arm, stages, source, per_position=per, extra_fp={"source": "rows"}, root=root))
         ext = extract_spec(cfg, layers=cfg.extract_layers)
         key = key_for(ext)
         docs = self.documents(cfg)
@@ -241,10 +253,10 @@ class Context:
         fp = {"activations": key.digest()}
         if self.store.missing(key, ids):
             rows = self.run(arm, [ext, *stages], docs, per_position=per, extra_fp=fp, fp_stages=stages,
-                            tee=self.store.tee(key, EXTRACT_COLUMNS))
+                            tee=self.store.tee(key, EXTRACT_COLUMNS), root=root)
         else:
             self.log(f"[store] activations of {len(ids)} documents found in {self.store.entry(key).dir}")
-            rows = self.run(arm, stages, self.store.load(key, ids), per_position=per, extra_fp=fp)
+            rows = self.run(arm, stages, self.store.load(key, ids), per_position=per, extra_fp=fp, root=root)
         return self.limit(rows)
 
     def limit(self, table: pa.Table) -> pa.Table:
@@ -261,6 +273,17 @@ class Context:
                                                           table.column("sample_rank").to_pylist(),
                                                           table.column("position").to_pylist())]
         return table.filter(pa.array(mask))
+
+    def decodes_root(self, job: str) -> Path | None:
+        """Where to reuse another job's decodes (e.g. quote_ablation's arms): `--decodes DIR`, else
+        that job's default output dir for this preset when it holds rows, else None (run here)."""
+        given = getattr(self.args, "decodes", None)
+        if given:
+            if not (Path(given) / "rows").is_dir():
+                raise UserError(f"--decodes {given}: no rows/ there (expected a finished {job} output dir)")
+            return Path(given)
+        d = default_out(job, self.cfg.name)
+        return d if (d / "rows").is_dir() else None
 
     def figure(self, name: str) -> Path:
         return self.out / name

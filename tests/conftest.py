@@ -5,7 +5,9 @@ dequantized once into the nla_ray cache; no network access is needed. The models
 configs with random weights (seeded), so every test that uses them runs in seconds.
 """
 
+import json
 import os
+from pathlib import Path
 
 # Nothing in these tests may reach for the Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+REPO = Path(__file__).resolve().parent.parent
 TINY_D = 64
 TINY_LAYERS = 4
 
@@ -94,3 +97,50 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# two tiny families (random decoders on the real tokenizers) as presets, for the analysis jobs
+
+
+def _tiny_family(tmp: Path, name: str, model, tok, layer: int, partner: str) -> Path:
+    from nla_ray.nla import pairs
+
+    base = tmp / f"{name}-base"
+    model.save_pretrained(base, safe_serialization=True)
+    tok.save_pretrained(base)
+    pair = pairs.write_pair(tmp / f"{name}-pair", base_spec=str(base), model=model, tokenizer=tok, layer=layer,
+                            copy_weights=True)
+    cfg = {"pair": f"{pair / 'av'},{pair / 'ar'}", "base": str(base), "layer": layer, "n_docs": 3,
+           "positions_per_doc": 2, "max_length": 256, "partner": partner, "bootstrap": 50,
+           "corpus": {"kind": "packaged_bbc", "split": "heldout"},
+           "av": {"max_new_tokens": 6},
+           "pools": {p: {"num_cpus": 1, "batch_size": 4, "dtype": "float32"} for p in ("extract", "av", "ar")}}
+    path = tmp / f"{name}.yaml"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_families(tmp_path_factory, tiny_llama, smollm_tok, tiny_gemma, gemma_tok):
+    tmp = tmp_path_factory.mktemp("fam")
+    a = _tiny_family(tmp, "tl", tiny_llama, smollm_tok, 2, str(tmp / "tg.yaml"))
+    _tiny_family(tmp, "tg", tiny_gemma, gemma_tok, 1, str(a))
+    return tmp, a
+
+
+def _load_job(name):
+    """A module of jobs/ by name (they are scripts, not a package)."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "jobs"))
+
+
+@pytest.fixture(scope="session")
+def load_job():
+    return _load_job

@@ -60,32 +60,6 @@ def test_transfer_ratios():
 # the job end to end on tiny random pairs (real tokenizers), CPU actors on a local Ray
 
 
-def _tiny_family(tmp: Path, name: str, model, tok, layer: int, partner: str) -> Path:
-    from nla_ray.nla import pairs
-
-    base = tmp / f"{name}-base"
-    model.save_pretrained(base, safe_serialization=True)
-    tok.save_pretrained(base)
-    pair = pairs.write_pair(tmp / f"{name}-pair", base_spec=str(base), model=model, tokenizer=tok, layer=layer,
-                            copy_weights=True)
-    cfg = {"pair": f"{pair / 'av'},{pair / 'ar'}", "base": str(base), "layer": layer, "n_docs": 3,
-           "positions_per_doc": 2, "max_length": 256, "partner": partner, "bootstrap": 50,
-           "corpus": {"kind": "packaged_bbc", "split": "heldout"},
-           "av": {"max_new_tokens": 6},
-           "pools": {p: {"num_cpus": 1, "batch_size": 4, "dtype": "float32"} for p in ("extract", "av", "ar")}}
-    path = tmp / f"{name}.yaml"
-    path.write_text(json.dumps(cfg))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_families(tmp_path_factory, tiny_llama, smollm_tok, tiny_gemma, gemma_tok):
-    tmp = tmp_path_factory.mktemp("fam")
-    a = _tiny_family(tmp, "tl", tiny_llama, smollm_tok, 2, str(tmp / "tg.yaml"))
-    _tiny_family(tmp, "tg", tiny_gemma, gemma_tok, 1, str(a))
-    return tmp, a
-
-
 @pytest.mark.ray
 def test_cross_family_job_wiring_store_and_resume(tiny_families):
     import ray
@@ -152,19 +126,8 @@ def test_cross_family_job_wiring_store_and_resume(tiny_families):
         shutil.rmtree(store, ignore_errors=True)
 
 
-def _job(name):
-    import importlib
-    import sys
-
-    sys.path.insert(0, str(REPO / "jobs"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(REPO / "jobs"))
-
-
 @pytest.mark.ray
-def test_ridge_baseline_job_tune_trials_and_refit(tiny_families):
+def test_ridge_baseline_job_tune_trials_and_refit(tiny_families, load_job):
     """§7b on the tiny families: Tune trials per (direction, map, size, setting), best refit on held-out."""
     import ray
 
@@ -177,7 +140,7 @@ def test_ridge_baseline_job_tune_trials_and_refit(tiny_families):
             "--train-positions", "3", "--n-trains", "12,1000", "--folds", "2", "--alphas", "0.001,30",
             "--gammas", "1", "--landmarks", "8", "--text-route", str(route)]
     try:
-        assert _job("ridge_baseline").JOB.entry(args) == 0
+        assert load_job("ridge_baseline").JOB.entry(args) == 0
     finally:
         ray.shutdown()
     s = json.loads((out / "summary.json").read_text())
@@ -196,3 +159,13 @@ def test_ridge_baseline_job_tune_trials_and_refit(tiny_families):
         assert np.isfinite(r["fve_own"]) and r["n_test"] == s["headline"]["pairs_heldout"]
     assert (out / "ridge_curve.png").stat().st_size > 0
     assert "Ray Tune trials" in (out / "table.md").read_text()
+
+    # --replot redraws against another text route without recomputing, keeping who computed it
+    (route / "summary.json").write_text(json.dumps({"headline": {"fve": {"ab": 0.33, "ba": 0.44}}}))
+    assert load_job("ridge_baseline").JOB.entry(["--preset", str(preset), "--out", str(out), "--replot",
+                                             "--text-route", str(route)]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["headline"]["text_route"]["a_to_b"] == 0.33 and again["rows"] == rows
+    assert again["computed_by"] == s["provenance"] and again["trials"] == trials
+    assert load_job("ridge_baseline").JOB.entry(["--preset", str(preset), "--out", str(tmp / "nothing"),
+                                             "--replot"]) == 2

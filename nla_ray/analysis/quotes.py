@@ -28,6 +28,7 @@ __all__ = [
     "DOUBLE_QUOTES",
     "SINGLE_QUOTES",
     "ALL_QUOTES",
+    "CONDITIONS",
     "HATCH_KINDS",
     "decode_vocab",
     "token_bytes",
@@ -98,6 +99,10 @@ SINGLE_QUOTES: tuple[str, ...] = (
 )
 
 ALL_QUOTES: tuple[str, ...] = DOUBLE_QUOTES + SINGLE_QUOTES
+
+# The §2 AV conditions, arm name -> banned characters (the seed's "unconstrained", "ban the "-family",
+# "ban the "+' families"). quote_ablation decodes them; verbatim_runs and redaction reuse its rows.
+CONDITIONS: dict[str, tuple[str, ...]] = {"free": (), "no_double": DOUBLE_QUOTES, "no_quotes": ALL_QUOTES}
 
 _REPLACEMENT = "\ufffd"
 
@@ -460,3 +465,28 @@ def condition_table(conditions: dict, var: float, *, n_boot: int = 1000, seed: i
             rows.append(_row(f"{name} / hatch-free", nm[~use], cs[~use], docs[~use], var, n_boot, seed))
             rows.append(_row(f"{name} / hatch-using", nm[use], cs[use], docs[use], var, n_boot, seed))
     return rows
+
+
+# ---------------------------------------------------------------------------
+# Fig. 1
+# ---------------------------------------------------------------------------
+
+def hatch_figure(rows: list[dict], path, title: str):
+    """Fig. 1 analogue: escape-hatch counts per condition (kinds never seen are left out)."""
+    from nla_ray.report import pyplot, save_figure
+
+    plt = pyplot()
+    top = [r for r in rows if "hatch_counts" in r]
+    kinds = [k for k in HATCH_KINDS if any(r["hatch_counts"][k] for r in top)] or ["corner", "italic", "paren_verbatim"]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(kinds) + 2), 3.8))
+    width = 0.8 / max(1, len(top))
+    for i, r in enumerate(top):
+        xs = np.arange(len(kinds)) + i * width
+        vals = [r["hatch_counts"][k] for k in kinds]
+        bars = ax.bar(xs, vals, width, label=f"{r['condition']} (n={r['n']})")
+        ax.bar_label(bars, fontsize=7)
+    ax.set_xticks(np.arange(len(kinds)) + width * (len(top) - 1) / 2, kinds, rotation=20)
+    ax.set_ylabel("decodes' delimiter count")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)

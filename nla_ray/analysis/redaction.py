@@ -44,6 +44,8 @@ __all__ = [
     "EDITS",
     "edit_text",
     "apply_edit",
+    "apply_edits",
+    "fve_figure",
 ]
 
 # Opener -> the characters that may close it. Double family first, then single.
@@ -326,4 +328,38 @@ def apply_edit(batch: dict, edit: str, src: str = "explanation", dst: str = "exp
         t = _as_text(v)
         edited[i] = edit_text(t, edit, **kw) if t else ""
     out[dst] = edited
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Fig. 2
+# ---------------------------------------------------------------------------
+
+def fve_figure(rows: Sequence[dict], path, title: str):
+    """Fig. 2 analogue: FVE after each edit (bars, doc-clustered 95% CI), the unedited level dashed."""
+    from nla_ray.report import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.75 * len(rows) + 2), 3.8))
+    fves = [r["fve"] for r in rows]
+    err = np.array([[r["fve"] - r["ci"][0], r["ci"][1] - r["fve"]] for r in rows]).T
+    ax.bar(range(len(rows)), fves, yerr=err, capsize=3, color=["#4c72b0" if r["edit"] == "identity" else "#dd8452"
+                                                               for r in rows])
+    base = next((r["fve"] for r in rows if r["edit"] == "identity"), None)
+    if base is not None:
+        ax.axhline(base, ls="--", lw=1, color="#4c72b0")
+    ax.axhline(0, lw=0.8, color="black")
+    ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("FVE (own-set Var)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def apply_edits(batch: dict, edits: dict, src: str = "explanation") -> dict:
+    """Several edits in one pass: ``edits`` maps an output column to ``(edit, kwargs)``. One stage
+    for all edits keeps a pipeline to one CPU actor however many edits are compared."""
+    out = dict(batch)
+    for dst, (edit, kw) in edits.items():
+        out = apply_edit(out, edit, src=src, dst=dst, **kw)
     return out

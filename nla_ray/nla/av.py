@@ -100,13 +100,11 @@ class AVEngine:
         return inject(emb, self.slot, vectors, self.meta.injection_scale)
 
     def banned_ids_for(self, chars: Sequence[str]) -> list[int]:
-        """Every vocabulary token whose decoded text contains any of `chars` (e.g. quote families)."""
-        banned = []
-        for i in range(len(self.tok)):
-            s = self.tok.decode([i])
-            if any(c in s for c in chars):
-                banned.append(i)
-        return banned
+        """Every vocabulary id that could write one of `chars` (e.g. a quote family): ids whose
+        decoded text contains one, and byte fragments that can complete one (§2's mask)."""
+        from nla_ray.analysis.quotes import banned_token_ids  # pure: needs only the tokenizer
+
+        return banned_token_ids(self.tok, chars)
 
     @torch.no_grad()
     def generate(self, vectors, *, temperature: float = 0.0, seeds: Sequence[int] | None = None,
