@@ -83,3 +83,30 @@ def test_decodes_dir_must_hold_rows(tiny_families, load_job, tmp_path):
     _, preset = tiny_families
     assert load_job("verbatim_runs").JOB.entry(["--preset", str(preset), "--out", str(tmp_path / "v"),
                                                "--decodes", str(tmp_path / "nowhere")]) == 2
+
+
+def test_best_of_n_sweep_is_tune_trials_sharing_the_cluster(tiny_families, load_job):
+    import ray
+
+    tmp, preset = tiny_families
+    out = tmp / "bon"
+    args = ["--preset", str(preset), "--out", str(out), "--store", str(tmp / "store_text"), "--k", "3",
+            "--temperatures", "1.0,1.3", "--Ns", "1,2,3"]
+    try:
+        assert load_job("best_of_n").JOB.entry(args) == 0
+    finally:
+        ray.shutdown()
+    s = json.loads((out / "summary.json").read_text())
+    res = {r["arm"]: r for r in s["headline"]["results"]}
+    assert list(res) == ["greedy", "T1.0", "T1.3"] and all(r["error"] is None for r in res.values())
+    assert res["greedy"]["k"] == 1 and "fve_N2" not in res["greedy"]
+    for arm in ("T1.0", "T1.3"):
+        r = res[arm]
+        assert r["k"] == 3 and r["n_activations"] == 6
+        assert r["fve_N1"] <= r["fve_N2"] + 1e-9 <= r["fve_N3"] + 2e-9  # best-of-N never gets worse with N
+        assert np.isfinite(r["slope_per_doubling"])
+    # each trial ran its own pipeline into resumable parts; three trials ran in separate processes
+    assert len({r["pid"] for r in res.values()}) >= 2
+    for arm in res:
+        assert (out / "rows" / arm / "RUN.json").is_file()
+    assert (out / "best_of_n.png").stat().st_size > 0 and (out / "tune" / "best_of_n").is_dir()

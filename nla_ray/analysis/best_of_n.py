@@ -27,7 +27,7 @@ import numpy as np
 from nla_ray.core import metrics
 
 __all__ = ["to_matrix", "subset_min_weights", "best_of_n", "best_index", "curve", "slope_per_doubling",
-           "tag_failures"]
+           "tag_failures", "sweep_metrics", "score_rows", "curve_figure"]
 
 
 def to_matrix(act_ids: Sequence, sample_idx: Sequence[int], nmse: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -167,3 +167,51 @@ def tag_failures(status: Sequence[str], act_ids: Optional[Sequence] = None) -> d
             raise ValueError(f"act_ids: expected {st.shape[0]} entries, got {a.shape}")
         out["activations_with_failure"] = int(len(np.unique(a[bad])))
     return out
+
+
+def sweep_metrics(act_ids: Sequence, sample_idx: Sequence[int], nmse: Sequence[float], status: Sequence[str],
+                  var: float, Ns: Sequence[int] = (1, 2, 3, 5, 10)) -> dict:
+    """What one best-of-N trial reports: ``fve_N<n>`` / ``nmse_N<n>`` for every N the samples allow,
+    the slope per doubling of N, and tag failures over all samples. k = 1 (greedy) reports N = 1."""
+    m, _ = to_matrix(act_ids, sample_idx, nmse)
+    rows = curve(m, [n for n in Ns if n <= m.shape[1]] or [1], var)
+    out: dict = {"k": int(m.shape[1]), "n_activations": int(m.shape[0])}
+    for r in rows:
+        out[f"fve_N{r['N']}"], out[f"nmse_N{r['N']}"] = r["fve"], r["nmse"]
+    if len(rows) > 1:
+        out["slope_per_doubling"] = slope_per_doubling([r["N"] for r in rows], [r["fve"] for r in rows])
+    fails = tag_failures(status)
+    out["tag_failures"], out["tag_failure_share"] = fails["failures"], fails["share"]
+    return out
+
+
+def score_rows(rows, var: float, Ns: Sequence[int] = (1, 2, 3, 5, 10)) -> dict:
+    """:func:`sweep_metrics` of a pipeline's rows (pyarrow): one activation = (doc_id, sample_rank)."""
+    pos = np.asarray(rows.column("position").to_numpy())
+    keep = np.nonzero(pos >= 0)[0]
+    col = lambda c: [rows.column(c)[int(i)].as_py() for i in keep]  # noqa: E731
+    acts = [f"{d}#{r}" for d, r in zip(col("doc_id"), col("sample_rank"))]
+    return sweep_metrics(acts, col("sample_idx"), col("nmse"), col("status"), var, Ns)
+
+
+def curve_figure(results: Sequence[dict], Ns: Sequence[int], path, title: str):
+    """FVE against N (log2 axis), one line per temperature; greedy as a dashed level."""
+    from nla_ray.report import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    for r in results:
+        xs = [n for n in Ns if r.get(f"fve_N{n}") is not None]
+        if r.get("k", 0) <= 1:
+            ax.axhline(r["fve_N1"], ls="--", color="gray", label=f"greedy ({r['fve_N1']:.3f})")
+            continue
+        ax.plot(xs, [r[f"fve_N{n}"] for n in xs], marker="o",
+                label=f"T={r['temperature']} (slope {r.get('slope_per_doubling', float('nan')):+.3f}/doubling)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(Ns), [str(n) for n in Ns])
+    ax.set_xlabel("N (samples, best under the AR)")
+    ax.set_ylabel("FVE (own-set Var)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,4 +1,4 @@
-"""Ray Tune driving the §7b ridge baseline's cross-validation.
+"""Ray Tune sweeps: the §7b ridge baseline's cross-validation, and pipeline arms (§5 best-of-N).
 
 One Tune trial scores one cell: a direction (A->B or B->A), a model kind, a training-set size
 and one hyper-parameter setting, by k-fold CV (:func:`nla_ray.analysis.ridge.cv_fold_scores`)
@@ -28,7 +28,7 @@ import numpy as np
 
 from nla_ray.analysis import ridge
 
-__all__ = ["DIRECTIONS", "sweep_cells", "ridge_sweep", "best_configs"]
+__all__ = ["DIRECTIONS", "sweep_cells", "ridge_sweep", "best_configs", "stage_sweep"]
 
 # a_to_b fits A's residual -> B's residual; b_to_a swaps the two arrays.
 DIRECTIONS = ("a_to_b", "b_to_a")
@@ -191,3 +191,91 @@ def best_configs(results: Sequence[Mapping[str, Any]],
         if key not in best or score > best[key]["cv_fve"]:
             best[key] = dict(row)
     return best
+
+
+# -------------------------------------------------------------------------------------------
+# a pipeline per trial: sweeps over AV settings (best-of-N temperatures)
+
+
+def _stages_trial(config: dict, *, arms: Mapping[str, dict], source: Any, out_root: str, fingerprint: dict,
+                  score: Any, score_kwargs: dict) -> None:
+    """Tune function trainable: run one arm's stages over the stored rows (resumable parts under
+    ``out_root/rows/<arm>``), then report ``score(rows, **score_kwargs)``."""
+    from ray import tune
+
+    from nla_ray.runtime import pipeline
+    from nla_ray.runtime.rows import RowParts, final_table
+
+    t_start = time.time()
+    arm = arms[config["arm"]]
+    parts = RowParts(Path(out_root) / "rows" / config["arm"])
+    fp = {"stages": pipeline.stages_fingerprint(arm["stages"]), **fingerprint}
+    pipeline.run(arm["stages"], source=source, parts=parts, fingerprint=fp, per_position=arm["per_position"],
+                 log=lambda m: None)
+    rows = final_table(parts.read(), docs=list(dict.fromkeys(source.column("doc_id").to_pylist())))
+    tune.report({**score(rows, **score_kwargs), "t_start": t_start, "t_end": time.time(), "pid": os.getpid()})
+
+
+_TUNE_BOOKKEEPING = ("time_", "timestamp", "training_iteration", "date", "hostname", "node_ip", "done",
+                     "trial_id", "iterations_since", "config", "checkpoint_dir_name", "should_checkpoint")
+
+
+def stage_sweep(arms: Mapping[str, dict], source: Any, out_root: str | Path, score: Any, *,
+                score_kwargs: Optional[dict] = None, fingerprint: Optional[dict] = None,
+                cpus_per_trial: float = 0.25, max_concurrent: Optional[int] = None, name: str = "sweep",
+                address: Optional[str] = None) -> list[dict]:
+    """One Tune trial per arm, each streaming ``source`` (stored rows) through its own stage list
+    (actor pools of its own, on the same cluster) and reporting ``score`` of its rows.
+
+    ``arms``: name -> ``{"stages": [StageSpec...], "per_position": int, "setting": {...}}``.
+    ``score``: an importable function ``(rows, **score_kwargs) -> dict`` of numbers. A trial
+    reserves only ``cpus_per_trial`` for its driver loop; its pools reserve what their configs
+    say, so concurrent trials share the cluster the way the pools' resources allow. Rows go to
+    ``out_root/rows/<arm>`` and resume like any job's, so a trial Tune retries continues from its
+    finished documents. Returns one row per arm (in ``arms`` order): setting, metrics, error.
+    """
+    import ray
+    from ray import tune
+
+    from nla_ray.runtime.pipeline import init_ray
+
+    storage = Path(out_root).resolve() / "tune"
+    storage.mkdir(parents=True, exist_ok=True)
+    # What one trial holds at once: its pools' actors plus its own driver loop.
+    need = {"CPU": max(cpus_per_trial + sum(s.pool.num_cpus * max(1, s.pool.concurrency) for s in a["stages"])
+                       for a in arms.values()),
+            "GPU": max(sum(s.pool.num_gpus * max(1, s.pool.concurrency) for s in a["stages"]) for a in arms.values())}
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    if ray.is_initialized() and local and ray.cluster_resources().get("CPU", 0) < need["CPU"]:
+        # A local instance started for an earlier stage (e.g. extraction) with fewer logical CPUs
+        # than one trial's pools: restart it sized for the sweep, or the pools would wait forever.
+        ray.shutdown()
+    started = not ray.is_initialized()
+    init_ray(address, [s for a in arms.values() for s in a["stages"]])
+    have = ray.cluster_resources()
+    fit = min(int(have.get(r, 0) // n) for r, n in need.items() if n > 0)
+    if fit < 1:
+        raise ValueError(f"one trial needs {need} but the cluster has CPU={have.get('CPU', 0)}, "
+                         f"GPU={have.get('GPU', 0)}: lower the pools' num_cpus/num_gpus or add nodes")
+    # More concurrent trials than fit would hold pools that wait on each other's resources.
+    max_concurrent = min(max_concurrent or fit, fit)
+    try:
+        trainable = tune.with_resources(
+            tune.with_parameters(_stages_trial, arms=dict(arms), source=source, out_root=str(out_root),
+                                 fingerprint=dict(fingerprint or {}), score=score, score_kwargs=dict(score_kwargs or {})),
+            {"cpu": cpus_per_trial})
+        tuner = tune.Tuner(trainable, param_space={"arm": tune.grid_search(list(arms))},
+                           tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent,
+                                                       trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
+                           run_config=tune.RunConfig(name=name, storage_path=str(storage),
+                                                     failure_config=tune.FailureConfig(max_failures=2), verbose=0))
+        out = []
+        for r in tuner.fit():
+            arm = r.config["arm"]
+            metrics = {k: v for k, v in (r.metrics or {}).items() if not k.startswith(_TUNE_BOOKKEEPING)}
+            out.append({"arm": arm, **arms[arm].get("setting", {}), **metrics,
+                        "error": None if r.error is None else repr(r.error)})
+    finally:
+        if started:
+            ray.shutdown()
+    return sorted(out, key=lambda row: list(arms).index(row["arm"]))
