@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `ray job subm
 from nla_ray.analysis import best_of_n as B  # noqa: E402
 from nla_ray.core import metrics  # noqa: E402
 from nla_ray.core.table import scored, vectors  # noqa: E402
-from nla_ray.jobkit import FVE_LEGEND, Context, Job, Result, Table  # noqa: E402
+from nla_ray.jobkit import FVE_LEGEND, Context, Job, Result, Table, UserError  # noqa: E402
 from nla_ray.runtime import tune  # noqa: E402
 from nla_ray.runtime.stages import ar_spec, av_spec  # noqa: E402
 
@@ -40,11 +40,16 @@ JOB = Job("best_of_n", __doc__, add_args=_args)
 @JOB.main
 def run(ctx: Context) -> Result:
     cfg, a = ctx.cfg, ctx.args
+    try:
+        Ns, temps = [int(n) for n in a.Ns.split(",")], [float(t) for t in a.temperatures.split(",")]
+    except ValueError as e:
+        raise UserError(f"--Ns takes integers and --temperatures numbers, comma-separated ({e})") from None
+    if a.k < 1 or min(Ns) < 1 or min(temps) <= 0:
+        raise UserError(f"need --k >= 1, every N >= 1 and every temperature > 0 (got k={a.k}, Ns={Ns}, T={temps})")
     key, acts = ctx.activations(cfg)
     acts = ctx.limit(acts)
     dirs = ctx.pair(cfg)
-    Ns = [int(n) for n in a.Ns.split(",")]
-    settings = {"greedy": (0.0, 1), **{f"T{t}": (float(t), a.k) for t in a.temperatures.split(",")}}
+    settings = {"greedy": (0.0, 1), **{f"T{t}": (t, a.k) for t in temps}}
     arms = {arm: {"stages": [av_spec(cfg, dirs.av, temperature=t, n_samples=k), ar_spec(cfg, dirs.ar)],
                   "per_position": k, "setting": {"temperature": t, "k": k}} for arm, (t, k) in settings.items()}
     var = metrics.variance_baseline(vectors(scored(acts), "vector"), ctx.meta(cfg).mse_scale)
