@@ -116,6 +116,7 @@ class Context:
         from nla_ray.runtime.store import ActivationStore
 
         self.job, self.args, self.cfg, self.out = job, args, cfg, out
+        self.provenance: dict | None = None  # set by Job before the work starts
         self.timer = Timer()
         self.store = ActivationStore(args.store, log=self.log)
         self.runs: dict[str, dict] = {}
@@ -312,6 +313,9 @@ class Job:
                 cfg = config_from_args(args)
                 out = Path(args.out) if args.out else default_out(self.name, cfg.name)
                 ctx = Context(self, args, cfg, out)
+                # Taken before the work, not after: a commit made while a long run is going must not
+                # be recorded as the code that ran.
+                ctx.provenance = provenance(cfg.name)
                 ctx.log(f"[{self.name}] preset {cfg.name} -> {out}")
                 t0 = time.time()
                 res = body(ctx)
@@ -337,7 +341,7 @@ class Job:
         out.mkdir(parents=True, exist_ok=True)
         summary = {"job": self.name, "config": ctx.cfg.to_dict(), "headline": res.headline, **res.extra,
                    "run": {"arms": ctx.runs, "wall_s_by_phase": ctx.timer.t},
-                   "provenance": provenance(ctx.cfg.name)}
+                   "provenance": ctx.provenance or provenance(ctx.cfg.name)}
         if res.rows is not None:
             tmp = out / "rows.parquet.tmp"
             pq.write_table(res.rows, tmp)
