@@ -110,3 +110,28 @@ def test_best_of_n_sweep_is_tune_trials_sharing_the_cluster(tiny_families, load_
     for arm in res:
         assert (out / "rows" / arm / "RUN.json").is_file()
     assert (out / "best_of_n.png").stat().st_size > 0 and (out / "tune" / "best_of_n").is_dir()
+
+
+def test_adjacent_layers_one_pass_and_bound(tiny_families, load_job):
+    """§6 on the tiny family: three layers from one extraction, the pair's own layer at offset 0."""
+    import ray
+
+    from nla_ray.analysis import layers as LY
+
+    tmp, preset = tiny_families
+    out = tmp / "adjacent"
+    try:
+        assert load_job("adjacent_layers").JOB.entry(["--preset", str(preset), "--out", str(out),
+                                                      "--store", str(tmp / "store_layers")]) == 0
+    finally:
+        ray.shutdown()
+    s = json.loads((out / "summary.json").read_text())
+    rows = {r["layer"]: r for r in s["headline"]["layers"]}
+    assert sorted(rows) == [1, 2, 3] and s["headline"]["pair_layer"] == 2
+    own = rows[2]
+    assert own["cos_to_ref"] == pytest.approx(1.0, abs=1e-5) and own["mutual_nmse"] == pytest.approx(0.0, abs=1e-5)
+    assert own["additive_bound"] == pytest.approx(own["nmse"], rel=1e-5)
+    assert all(r["cos_to_ref"] < 1.0 - 1e-4 for layer, r in rows.items() if layer != 2)
+    # alignment is strict: a position missing from the reference layer is refused, not skipped
+    with pytest.raises(ValueError):
+        LY.align_rows([("d", 5)], [("d", 6)])
