@@ -44,13 +44,17 @@ def run(ctx: Context) -> Result:
     sizes = Q.family_sizes(ctx.tokenizer(cfg))
     shown = [{"condition": r["condition"], "n": r["n"], "NMSE": r["nmse"], "cos": r["cos"], "FVE": r["fve"],
               "95% CI": ci_str(r["fve_ci95"]) if r.get("fve_ci95") else "",
-              "hatch share": r.get("hatch_share", ""), "leaked banned chars": r.get("leaked_banned_chars", ""),
+              "hatch share": r.get("hatch_share", ""), "with \" / ' marks": (f"{r['decodes_with_double']} / "
+                                                                      f"{r['decodes_with_single']}" if "decodes_with_single" in r else ""),
+              "leaked banned chars": r.get("leaked_banned_chars", ""),
               "tag failures": fails.get(r["condition"], "")} for r in table]
     fig = Q.hatch_figure(table, ctx.figure("escape_hatches.png"),
                          f"{cfg.name}: delimiters per condition (seed, both banned: corner 77, italic 92, paren 43, em-dash 6)")
     return Result(
         headline={"conditions": {r["condition"]: {k: r.get(k) for k in ("n", "nmse", "cos", "fve", "fve_ci95",
-                                                                         "hatch_share", "leaked_banned_chars")}
+                                                                         "hatch_share", "leaked_banned_chars",
+                                                                         "decodes_with_double", "decodes_with_single",
+                                                                         "hatch_counts")}
                                  for r in table},
                   "tag_failures": fails, "ban_sizes": sizes, "var_own": free["var_own"]},
         extra={"table": table}, figures=[fig],

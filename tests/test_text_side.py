@@ -116,6 +116,10 @@ def test_hatches_on_released_style():
     dash = "The phrase \u2014raised rates on Thursday\u2014 signals a figure."
     assert Q.hatches(dash)["em_dash"] == 1
     assert Q.hatches("One dash \u2014 only.")["em_dash"] == 0
+    # the mini AV's own substitutes under the both-families ban
+    assert Q.hatches("The phrase - $1.00 to lower - from")["hyphen_pair"] == 1
+    assert Q.hatches("The phrase $$1.05 trillion in 2004.")["double_dollar"] == 1
+    assert Q.hatches("Price $1.05, a well-known rise.") == dict.fromkeys(Q.HATCH_KINDS, 0)
 
     other = "Phrases `raised rates` and <<on Thursday>> and \u2039rates\u203a and \u00abrates\u00bb."
     h = Q.hatches(other)

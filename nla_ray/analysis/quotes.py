@@ -329,6 +329,11 @@ _PAIRS = {
     "ascii_angle": re.compile(r"<<[^<>\n]+>>"),
     # An em-dash (or horizontal bar) pair on one line enclosing 1..12 words.
     "em_dash": re.compile(r"[\u2014\u2015]([^\u2014\u2015\n]+?)[\u2014\u2015]"),
+    # Seen on the mini SmolLM2 AV with both families banned: "The phrase - $1.00 to lower - from",
+    # a spaced ASCII hyphen pair doing the em-dash's job (1..12 words between, like em_dash) ...
+    "hyphen_pair": re.compile(r"(?<!\S)-\s([^\n]+?)\s-(?!\S)"),
+    # ... and "$$" opening the span ("The phrase $$1.05 trillion"); a price never writes two dollars.
+    "double_dollar": re.compile(r"\$\$"),
 }
 _PAREN = re.compile(r"\(([^()\n]*)\)")
 
@@ -380,7 +385,7 @@ def hatches(text: str) -> dict[str, int]:
     text = text or ""
     out = {k: sum(text.count(ch) for ch in chs) for k, chs in _OPENERS.items()}
     for k, rx in _PAIRS.items():
-        if k == "em_dash":
+        if k in ("em_dash", "hyphen_pair"):
             out[k] = sum(1 for m in rx.finditer(text)
                          if 1 <= len(_WORDS.findall(m.group(1))) <= _PAREN_MAX_WORDS)
         else:
@@ -458,6 +463,7 @@ def condition_table(conditions: dict, var: float, *, n_boot: int = 1000, seed: i
         row["hatch_share"] = float(use.mean()) if len(use) else None
         row["hatch_counts"] = {k: int(sum(h[k] for h in counts)) for k in HATCH_KINDS}
         row["decodes_with_double"] = int(sum(quote_marks(t)["double"] > 0 for t in texts))
+        row["decodes_with_single"] = int(sum(quote_marks(t)["single"] > 0 for t in texts))
         if name in banned:
             row["leaked_banned_chars"] = int(sum(leaked_banned_chars(t, banned[name]) for t in texts))
         rows.append(row)
@@ -489,4 +495,5 @@ def hatch_figure(rows: list[dict], path, title: str):
     ax.set_ylabel("decodes' delimiter count")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
+    fig.tight_layout()
     return save_figure(fig, path)
