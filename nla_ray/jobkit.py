@@ -183,12 +183,15 @@ class Context:
 
     # -- running stages -----------------------------------------------------------------------
     def activations(self, cfg: NLAConfig | None = None, *, layers: list[int] | None = None,
-                    anchors: dict | None = None, anchor_key: str | None = None, align_tolerance: int = 2):
-        """Stored activations of `cfg`'s base model for this run's documents (extracted once)."""
+                    anchors: dict | None = None, anchor_key: str | None = None, align_tolerance: int = 2,
+                    adapter: str | None = None):
+        """Stored activations of `cfg`'s base model (or, with `adapter`, of the base with a pair
+        role's adapter merged) for this run's documents (extracted once)."""
         from nla_ray.runtime.stages import extract_spec
 
         cfg = cfg or self.cfg
-        spec = extract_spec(cfg, name="extract", layers=layers or cfg.extract_layers, align_tolerance=align_tolerance)
+        spec = extract_spec(cfg, name="extract", layers=layers or cfg.extract_layers, align_tolerance=align_tolerance,
+                            adapter=adapter)
         with self.timer("extract"):
             return self.store.ensure(spec, self.documents(cfg), address=self.args.ray_address, anchors=anchors,
                                      anchor_key=anchor_key)

@@ -135,3 +135,24 @@ def test_adjacent_layers_one_pass_and_bound(tiny_families, load_job):
     # alignment is strict: a position missing from the reference layer is refused, not skipped
     with pytest.raises(ValueError):
         LY.align_rows([("d", 5)], [("d", 6)])
+
+
+def test_self_drift_of_an_unchanged_model_is_zero(tiny_families, load_job):
+    """§7c wiring: the tiny pair's AV and AR are copies of the base, so their own streams equal the
+    base's exactly; the store keeps them as separate entries (the role's weights are in the key)."""
+    import ray
+
+    tmp, preset = tiny_families
+    out = tmp / "drift"
+    try:
+        assert load_job("self_drift").JOB.entry(["--preset", str(preset), "--out", str(out),
+                                                 "--store", str(tmp / "store_drift")]) == 0
+    finally:
+        ray.shutdown()
+    s = json.loads((out / "summary.json").read_text())
+    for role in ("AV", "AR"):
+        d = s["headline"]["drift"][role]
+        assert d["nmse"] == pytest.approx(0.0, abs=1e-6) and d["cos"] == pytest.approx(1.0, abs=1e-6)
+    assert s["headline"]["nla_reconstruction_nmse"] > 0
+    assert len([p for p in (tmp / "store_drift").rglob("RUN.json")]) == 3  # base, AV's, AR's streams
+    assert (out / "self_drift.png").stat().st_size > 0

@@ -2,7 +2,7 @@
 
 Covers nla_ray.training.targets (the deterministic explanation targets), nla_ray.training.sft (torch_nmse, collect,
 train_ar, train_av) and the adapter format the training job ships (PEFT LoRA folder under
-``adapter/``, applied by ``pairs._apply_adapter``). Reference numbers are recomputed here from the
+``adapter/``, applied by ``pairs.apply_adapter``). Reference numbers are recomputed here from the
 plain HF model or from nla_ray.core.metrics, never from the function under test.
 """
 
@@ -260,7 +260,7 @@ def test_train_ar_adapter_round_trips(ar_trained, smollm_tok, tmp_path):
 
     peft_m.save_pretrained(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
-    merged = pairs._apply_adapter(_fresh(ar_trained["pristine"]), tmp_path)
+    merged = pairs.apply_adapter(_fresh(ar_trained["pristine"]), tmp_path)
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     head_copy = copy.deepcopy(head)
     got = AREngine(backbone_from_model(merged, K + 1), head_copy, smollm_tok, meta).reconstruct(texts)
@@ -273,7 +273,7 @@ def test_train_ar_adapter_round_trips(ar_trained, smollm_tok, tmp_path):
 
 def test_apply_adapter_without_adapter_folder_is_identity(tiny_llama, tmp_path):
     m = _fresh(tiny_llama)
-    assert pairs._apply_adapter(m, tmp_path) is m
+    assert pairs.apply_adapter(m, tmp_path) is m
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +317,7 @@ def test_train_av_adapter_round_trips(av_trained, smollm_tok, tmp_path):
     peft_m.save_pretrained(str(tmp_path / "adapter"))
     cfg = (tmp_path / "adapter" / "adapter_config.json").read_text()
     assert '"lora"' in cfg.lower()
-    merged = pairs._apply_adapter(_fresh(av_trained["pristine"]), tmp_path)
+    merged = pairs.apply_adapter(_fresh(av_trained["pristine"]), tmp_path)
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     with torch.no_grad():
         got = merged(input_ids=ids).logits
@@ -341,7 +341,7 @@ def test_shipped_fp16_adapter_round_trips(av_trained, smollm_tok, tmp_path):
     job._save_adapter(peft_m, tmp_path / "adapter")
     state = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert state and all(v.dtype == torch.float16 for v in state.values())
-    merged = pairs._apply_adapter(_fresh(av_trained["pristine"]), tmp_path)
+    merged = pairs.apply_adapter(_fresh(av_trained["pristine"]), tmp_path)
     assert all(p.dtype == torch.float32 for p in merged.parameters())
     with torch.no_grad():
         got = merged(input_ids=ids).logits

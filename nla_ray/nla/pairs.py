@@ -238,7 +238,10 @@ def _weights_and_tokenizer(directory: Path, meta: NlaMeta) -> tuple[str, str]:
     return res.path, res.path
 
 
-def _apply_adapter(model, directory: Path):
+def apply_adapter(model, directory: str | Path):
+    """`model` with the LoRA adapter of a pair role directory (`<dir>/adapter/`) merged in; a role
+    without an adapter (full weights) is returned unchanged."""
+    directory = Path(directory)
     ad = directory / "adapter"
     if not (ad / "adapter_config.json").is_file():
         return model
@@ -259,7 +262,7 @@ def load_av(directory: str | Path, *, device=None, dtype=None, max_new_tokens: i
     dt = resolve_dtype(dtype, dev)
     wpath, tpath = _weights_and_tokenizer(directory, meta)
     tok = AutoTokenizer.from_pretrained(tpath, trust_remote_code=False)
-    model = _apply_adapter(load_causal_lm(wpath, device=dev, dtype=dt), directory)
+    model = apply_adapter(load_causal_lm(wpath, device=dev, dtype=dt), directory)
     return AVEngine(model, tok, meta, max_new_tokens=max_new_tokens, backend=backend)
 
 
@@ -279,7 +282,7 @@ def load_ar(directory: str | Path, *, device=None, dtype=None) -> AREngine:
     tok = AutoTokenizer.from_pretrained(tpath, trust_remote_code=False)
     tok.padding_side = "right"
     if (directory / "adapter" / "adapter_config.json").is_file():
-        model = _apply_adapter(load_causal_lm(wpath, device=dev, dtype=dt), directory)
+        model = apply_adapter(load_causal_lm(wpath, device=dev, dtype=dt), directory)
         bb = backbone_from_model(model, meta.layer + 1)
     else:
         bb = load_backbone(wpath, meta.layer + 1, device=dev, dtype=dt)

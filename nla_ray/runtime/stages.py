@@ -20,6 +20,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -109,7 +110,10 @@ class Extract(Stage):
     """
 
     def __init__(self, name: str, num_cpus: float, *, base: str, layers: list[int], seed: int,
-                 positions_per_doc: int, max_length: int, dtype: str = "auto", align_tolerance: int = 2):
+                 positions_per_doc: int, max_length: int, dtype: str = "auto", align_tolerance: int = 2,
+                 adapter: str | None = None):
+        """`adapter`: a pair role directory (av/ or ar/) whose LoRA adapter is merged into the base
+        first, to read that fine-tuned model's own residual stream (self-drift, §7c)."""
         super().__init__(name, num_cpus)
         from transformers import AutoTokenizer
 
@@ -120,8 +124,18 @@ class Extract(Stage):
         dev = resolve_device("auto")
         res = sources.resolve(base)
         tok = AutoTokenizer.from_pretrained(res.path, trust_remote_code=False)
-        # Only the blocks up to the deepest layer asked for are loaded and run (no full-depth load).
-        model = load_backbone(res.path, max(layers) + 1, device=dev, dtype=resolve_dtype(dtype, dev))
+        if adapter:
+            from nla_ray.nla.models import backbone_from_model, load_causal_lm
+            from nla_ray.nla.pairs import apply_adapter
+
+            # The adapter targets every block, so the whole model is loaded, merged, then viewed up to K.
+            # A role directory holding full weights (no adapter/) is that model itself.
+            own = Path(adapter) if (Path(adapter) / "config.json").is_file() else Path(res.path)
+            full = apply_adapter(load_causal_lm(str(own), device=dev, dtype=resolve_dtype(dtype, dev)), adapter)
+            model = backbone_from_model(full, max(layers) + 1).eval()
+        else:
+            # Only the blocks up to the deepest layer asked for are loaded and run (no full-depth load).
+            model = load_backbone(res.path, max(layers) + 1, device=dev, dtype=resolve_dtype(dtype, dev))
         self.d = text_config(model.config).hidden_size
         self.layers = sorted(set(int(x) for x in layers))
         self.base, self.seed, self.tol = base, seed, align_tolerance
@@ -294,11 +308,14 @@ class Apply(Stage):
 # builders: a stage spec from the one config schema
 
 
-def extract_spec(cfg, *, name: str = "extract", layers: list[int] | None = None, align_tolerance: int = 2) -> StageSpec:
+def extract_spec(cfg, *, name: str = "extract", layers: list[int] | None = None, align_tolerance: int = 2,
+                 adapter: str | None = None) -> StageSpec:
     pool = cfg.pools["extract"]
-    return StageSpec(Extract, name, pool, dict(base=cfg.base, layers=list(layers or cfg.layers), seed=cfg.seed,
-                                               positions_per_doc=cfg.positions_per_doc, max_length=cfg.max_length,
-                                               dtype=pool.dtype, align_tolerance=align_tolerance))
+    kw = dict(base=cfg.base, layers=list(layers or cfg.layers), seed=cfg.seed, positions_per_doc=cfg.positions_per_doc,
+              max_length=cfg.max_length, dtype=pool.dtype, align_tolerance=align_tolerance)
+    if adapter:  # only when given, so the fingerprints of plain extractions do not change
+        kw["adapter"] = str(adapter)
+    return StageSpec(Extract, name, pool, kw)
 
 
 def av_spec(cfg, av_dir: str, *, name: str = "av", src: str = "", out: str = "", pool=None, **override) -> StageSpec:

@@ -58,10 +58,14 @@ def key_for(spec: StageSpec) -> ActivationKey:
 
     kw = spec.kwargs
     path = sources.resolve(kw["base"]).path
+    files = {"sha256": dir_digest(path)}
+    if kw.get("adapter"):  # a fine-tuned model's own stream: its adapter is part of the weights
+        ad = Path(kw["adapter"])
+        files["adapter"] = dir_digest(ad / "adapter" if (ad / "adapter").is_dir() else ad)
     return ActivationKey(base=kw["base"], layers=sorted(kw["layers"]), seed=kw["seed"],
                          positions_per_doc=kw["positions_per_doc"], max_length=kw["max_length"],
                          device="gpu" if spec.pool.num_gpus else "cpu", dtype=kw.get("dtype", "auto"),
-                         model_files={"sha256": dir_digest(path)})
+                         model_files=files)
 
 
 class ActivationStore:
