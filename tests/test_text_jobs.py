@@ -85,12 +85,13 @@ def test_decodes_dir_must_hold_rows(tiny_families, load_job, tmp_path):
                                                "--decodes", str(tmp_path / "nowhere")]) == 2
 
 
-def test_best_of_n_sweep_is_tune_trials_sharing_the_cluster(tiny_families, load_job):
+def test_best_of_n_sweep_is_tune_trials_sharing_the_cluster(tiny_families, load_job, monkeypatch):
     import ray
 
     tmp, preset = tiny_families
     out = tmp / "bon"
-    args = ["--preset", str(preset), "--out", str(out), "--store", str(tmp / "store_text"), "--k", "3",
+    monkeypatch.chdir(tmp)  # a relative --out, as users type it: rows must still land under it
+    args = ["--preset", str(preset), "--out", "bon", "--store", str(tmp / "store_text"), "--k", "3",
             "--temperatures", "1.0,1.3", "--Ns", "1,2,3"]
     try:
         assert load_job("best_of_n").JOB.entry(args) == 0

@@ -239,7 +239,10 @@ def stage_sweep(arms: Mapping[str, dict], source: Any, out_root: str | Path, sco
 
     from nla_ray.runtime.pipeline import init_ray
 
-    storage = Path(out_root).resolve() / "tune"
+    # Absolute: Tune runs each trial in its own working directory, where a relative path would
+    # put the rows (and their resume) somewhere else.
+    out_root = Path(out_root).resolve()
+    storage = out_root / "tune"
     storage.mkdir(parents=True, exist_ok=True)
     # What one trial holds at once: its pools' actors plus its own driver loop.
     need = {"CPU": max(cpus_per_trial + sum(s.pool.num_cpus * max(1, s.pool.concurrency) for s in a["stages"])
