@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `ray job subm
 from nla_ray.analysis import layers as LY  # noqa: E402
 from nla_ray.analysis.fve import fve_block  # noqa: E402
 from nla_ray.core import metrics  # noqa: E402
-from nla_ray.core.table import filter_rows, scored, vectors  # noqa: E402
+from nla_ray.core.table import filter_rows, position_keys, scored, vectors  # noqa: E402
 from nla_ray.jobkit import FVE_LEGEND, Context, Job, Result, Table, UserError, ci_str  # noqa: E402
 
 JOB = Job("adjacent_layers", __doc__, add_args=lambda p: p.add_argument(
@@ -36,12 +36,11 @@ def run(ctx: Context) -> Result:
     rows = scored(ctx.round_trip(cfg))
     scale = ctx.meta(cfg).mse_scale
     by = {layer: filter_rows(rows, [x == layer for x in rows.column("layer").to_pylist()]) for layer in cfg.layers}
-    key = lambda t: list(zip(t.column("doc_id").to_pylist(), t.column("position").to_pylist()))  # noqa: E731
     ref = by[L]
     intrinsic = float(metrics.nmse(vectors(ref, "recon"), vectors(ref, "vector"), scale).mean())  # L on its own layer
     out = []
     for layer, t in by.items():
-        i = LY.align_rows(key(t), key(ref))
+        i = LY.align_rows(position_keys(t), position_keys(ref))
         row = LY.layer_row(layer, L, vectors(t, "vector"), vectors(ref, "vector")[i], vectors(t, "recon"),
                            intrinsic, scale)
         row["fve_ci95"] = fve_block(t, scale, None, n_boot=cfg.bootstrap, seed=cfg.seed)["fve_own"]["ci95_doc_clustered"]

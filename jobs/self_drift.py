@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from nla_ray.analysis import drift as D  # noqa: E402
 from nla_ray.analysis import layers as LY  # noqa: E402
 from nla_ray.core import metrics  # noqa: E402
-from nla_ray.core.table import scored, vectors  # noqa: E402
+from nla_ray.core.table import position_keys, scored, vectors  # noqa: E402
 from nla_ray.jobkit import Context, Job, Result, Table, ci_str  # noqa: E402
 
 JOB = Job("self_drift", __doc__)
@@ -31,12 +31,11 @@ def run(ctx: Context) -> Result:
     cfg, dirs = ctx.cfg, ctx.pair(ctx.cfg)
     scale, L = ctx.meta(cfg).mse_scale, [cfg.layer]
     base = scored(ctx.limit(ctx.activations(cfg, layers=L)[1]))
-    key = lambda t: list(zip(t.column("doc_id").to_pylist(), t.column("position").to_pylist()))  # noqa: E731
     docs = np.asarray(base.column("doc_id").to_pylist())
     out = {}
     for role, d in (("AV", dirs.av), ("AR", dirs.ar)):
         own = scored(ctx.activations(cfg, layers=L, adapter=d)[1])
-        i = LY.align_rows(key(base), key(own))
+        i = LY.align_rows(position_keys(base), position_keys(own))
         nm = metrics.nmse(vectors(own, "vector")[i], vectors(base, "vector"), scale)
         lo, hi, _ = metrics.clustered_bootstrap_ci(nm, docs, np.mean, n_boot=cfg.bootstrap, seed=cfg.seed)
         out[role] = {"nmse": float(nm.mean()), "nmse_ci95": [float(lo), float(hi)],

@@ -78,3 +78,8 @@ def write_text(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def position_keys(table: pa.Table) -> list[tuple]:
+    """(doc_id, position) per row: what identifies one activation across layers or models."""
+    return list(zip(table.column("doc_id").to_pylist(), table.column("position").to_pylist()))
