@@ -20,6 +20,40 @@ def _ray_bin() -> str:
     return str(Path(sys.executable).parent / "ray")
 
 
+def _free_ports(n: int) -> list[str]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [str(s.getsockname()[1]) for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _stop_head(temp_dir: str) -> None:
+    """Stop only the head this test started. `ray stop` would kill every Ray process on the machine,
+    including a user's own cluster or job running beside the tests."""
+    import psutil
+
+    ours = [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in a for a in (p.info["cmdline"] or []))]
+    family = {p.pid: p for p in ours}
+    for p in ours:
+        try:
+            family.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    for p in family.values():
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(family.values()), timeout=20)
+    for p in alive:
+        p.kill()
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     # Put this interpreter's bin first: `make test` runs .venv/bin/python without activating the venv,
@@ -27,15 +61,22 @@ def ray_head(tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="token",
                PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     port, dash = "6391", "8273"
+    # The agents' default ports are fixed (52365, ...): another Ray instance on this machine (a job
+    # running beside the tests) holds them and this head's job agent never comes up. Free ones instead.
+    agent, grpc, renv, metrics = _free_ports(4)
     start = [_ray_bin(), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", port,
              "--dashboard-host", "127.0.0.1", "--dashboard-port", dash, "--num-cpus", "6",
-             "--disable-usage-stats"]
+             "--dashboard-agent-listen-port", agent, "--dashboard-agent-grpc-port", grpc,
+             "--runtime-env-agent-port", renv, "--metrics-export-port", metrics, "--disable-usage-stats"]
     r = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
+    # This head's session directory: its processes carry it on their command lines, which is how
+    # teardown finds them again (and only them).
+    session = Path(os.path.realpath("/tmp/ray/session_latest")).name
     try:
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        subprocess.run([_ray_bin(), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_head(session)
 
 
 def test_submit_cross_family(ray_head, tmp_path):
@@ -47,7 +88,12 @@ def test_submit_cross_family(ray_head, tmp_path):
            "--", sys.executable, "jobs/cross_family.py", "--preset", "mini", "--n", "4", "--out", str(out),
            "--store", str(tmp_path / "store"), "--set", "av.max_new_tokens=12"]
     t0 = time.time()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    for _ in range(6):
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+        # A fresh head's job agent registers a few seconds after `ray start` returns (longer on a busy box).
+        if "No available agent" not in r.stdout + r.stderr:
+            break
+        time.sleep(10)
     if r.returncode != 0:
         # Surface the job's own traceback, not just the CLI's one-line verdict.
         print("---- job stdout tail ----\n" + r.stdout[-6000:] + "\n---- stderr tail ----\n" + r.stderr[-3000:])
