@@ -32,12 +32,12 @@ def _free_ports(n: int) -> list[str]:
     return ports
 
 
-def _stop_head(temp_dir: str) -> None:
+def _stop_head(session: str, port: str) -> None:
     """Stop only the head this test started. `ray stop` would kill every Ray process on the machine,
     including a user's own cluster or job running beside the tests."""
     import psutil
 
-    ours = [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in a for a in (p.info["cmdline"] or []))]
+    ours = [p for p in psutil.process_iter(["cmdline"]) if any(session in a for a in (p.info["cmdline"] or []))]
     family = {p.pid: p for p in ours}
     for p in ours:
         try:
@@ -52,6 +52,10 @@ def _stop_head(temp_dir: str) -> None:
     _, alive = psutil.wait_procs(list(family.values()), timeout=20)
     for p in alive:
         p.kill()
+    # `ray stop` also forgets the head; without this, a later ray.init() would try to join it.
+    current = Path("/tmp/ray/ray_current_cluster")
+    if current.is_file() and current.read_text().strip().endswith(f":{port}"):  # Ray writes the host's IP
+        current.unlink()
 
 
 @pytest.fixture
@@ -76,7 +80,7 @@ def ray_head(tmp_path):
     try:
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        _stop_head(session)
+        _stop_head(session, port)
 
 
 def test_submit_cross_family(ray_head, tmp_path):

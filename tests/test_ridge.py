@@ -173,7 +173,8 @@ def test_tune_sweep_runs_trials_concurrently_and_picks_the_best(tmp_path):
     # two such trials to be seen running at the same time on the two CPUs.
     grid = {"linear": [{"alpha": 1e-3}, {"alpha": 30.0}],
             "rbf": [{"alpha": a, "gamma_rel": 1.0, "n_components": 1800} for a in (1e-2, 1e-1)]}
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
+    # address="local": a fresh 2-CPU instance even if a `ray start` head runs on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
              log_to_driver=False)
     try:
         rows, best = T.ridge_sweep(X, Y, docs, grid, kinds=["linear", "rbf"], n_trains=[1000, 5000],

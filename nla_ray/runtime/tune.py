@@ -89,7 +89,9 @@ def _start_ray(cpus_needed: int, address: Optional[str]) -> bool:
     else:
         # A local node with at least the CPUs the concurrent trials reserve; more logical CPUs
         # than cores only time-share them.
-        ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False,
+        # address="local": a fresh instance even when a `ray start` cluster runs on this machine
+        # (ray.init would join it and refuse num_cpus); pass an address to join one.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False,
                  logging_level=logging.WARNING, log_to_driver=False)
     return True
 
