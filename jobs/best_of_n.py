@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `ray job subm
 from nla_ray.analysis import best_of_n as B  # noqa: E402
 from nla_ray.core import metrics  # noqa: E402
 from nla_ray.core.table import scored, vectors  # noqa: E402
-from nla_ray.jobkit import FVE_LEGEND, Context, Job, Result, Table, UserError  # noqa: E402
+from nla_ray.jobkit import FVE_LEGEND, Context, Job, Result, Table, UserError, ci_str  # noqa: E402
 from nla_ray.runtime import tune  # noqa: E402
 from nla_ray.runtime.stages import ar_spec, av_spec  # noqa: E402
 
@@ -58,8 +58,12 @@ def run(ctx: Context) -> Result:
                                    fingerprint={"activations": key.digest()}, max_concurrent=a.max_concurrent,
                                    name="best_of_n", address=a.ray_address)
     fig = B.curve_figure(results, Ns, ctx.figure("best_of_n.png"), f"{cfg.name}: best-of-N under the AR")
-    cols = ["arm", "temperature", "k", *[f"fve_N{n}" for n in Ns], "slope_per_doubling", "tag_failures",
-            "tag_failure_share", "pid", "error"]
+    for r in results:  # CIs as one readable column per N
+        for n in Ns:
+            if f"fve_N{n}_ci95" in r:
+                r[f"N{n} 95% CI"] = ci_str(r[f"fve_N{n}_ci95"])
+    cols = ["arm", "temperature", "k", *[c for n in Ns for c in (f"fve_N{n}", f"N{n} 95% CI")], "slope_per_doubling",
+            "tag_failures", "tag_failure_share", "pid", "error"]
     return Result(
         headline={"results": results, "var_own": var, "n_activations": int(scored(acts).num_rows)},
         figures=[fig], clean=all(r["error"] is None for r in results),

@@ -103,7 +103,7 @@ def test_best_of_n_sweep_is_tune_trials_sharing_the_cluster(tiny_families, load_
     assert res["greedy"]["k"] == 1 and "fve_N2" not in res["greedy"]
     for arm in ("T1.0", "T1.3"):
         r = res[arm]
-        assert r["k"] == 3 and r["n_activations"] == 6
+        assert r["k"] == 3 and r["n_activations"] == 6 and len(r["fve_N3_ci95"]) == 2
         assert r["fve_N1"] <= r["fve_N2"] + 1e-9 <= r["fve_N3"] + 2e-9  # best-of-N never gets worse with N
         assert np.isfinite(r["slope_per_doubling"])
     # each trial ran its own pipeline into resumable parts; three trials ran in separate processes

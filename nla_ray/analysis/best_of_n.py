@@ -170,14 +170,19 @@ def tag_failures(status: Sequence[str], act_ids: Optional[Sequence] = None) -> d
 
 
 def sweep_metrics(act_ids: Sequence, sample_idx: Sequence[int], nmse: Sequence[float], status: Sequence[str],
-                  var: float, Ns: Sequence[int] = (1, 2, 3, 5, 10)) -> dict:
-    """What one best-of-N trial reports: ``fve_N<n>`` / ``nmse_N<n>`` for every N the samples allow,
+                  var: float, Ns: Sequence[int] = (1, 2, 3, 5, 10), *, doc_of: Optional[dict] = None,
+                  n_boot: int = 1000, seed: int = 0) -> dict:
+    """What one best-of-N trial reports: ``fve_N<n>`` / ``nmse_N<n>`` for every N the samples allow
+    (with ``doc_of``, activation id -> document, also ``fve_N<n>_ci95``: a document-clustered CI),
     the slope per doubling of N, and tag failures over all samples. k = 1 (greedy) reports N = 1."""
-    m, _ = to_matrix(act_ids, sample_idx, nmse)
-    rows = curve(m, [n for n in Ns if n <= m.shape[1]] or [1], var)
+    m, ids = to_matrix(act_ids, sample_idx, nmse)
+    docs = None if doc_of is None else [doc_of[a] for a in ids]
+    rows = curve(m, [n for n in Ns if n <= m.shape[1]] or [1], var, doc_ids=docs, n_boot=n_boot, seed=seed)
     out: dict = {"k": int(m.shape[1]), "n_activations": int(m.shape[0])}
     for r in rows:
         out[f"fve_N{r['N']}"], out[f"nmse_N{r['N']}"] = r["fve"], r["nmse"]
+        if "fve_ci95" in r:
+            out[f"fve_N{r['N']}_ci95"] = r["fve_ci95"]
     if len(rows) > 1:
         out["slope_per_doubling"] = slope_per_doubling([r["N"] for r in rows], [r["fve"] for r in rows])
     fails = tag_failures(status)
@@ -190,8 +195,9 @@ def score_rows(rows, var: float, Ns: Sequence[int] = (1, 2, 3, 5, 10)) -> dict:
     pos = np.asarray(rows.column("position").to_numpy())
     keep = np.nonzero(pos >= 0)[0]
     col = lambda c: [rows.column(c)[int(i)].as_py() for i in keep]  # noqa: E731
-    acts = [f"{d}#{r}" for d, r in zip(col("doc_id"), col("sample_rank"))]
-    return sweep_metrics(acts, col("sample_idx"), col("nmse"), col("status"), var, Ns)
+    docs = col("doc_id")
+    acts = [f"{d}#{r}" for d, r in zip(docs, col("sample_rank"))]
+    return sweep_metrics(acts, col("sample_idx"), col("nmse"), col("status"), var, Ns, doc_of=dict(zip(acts, docs)))
 
 
 def curve_figure(results: Sequence[dict], Ns: Sequence[int], path, title: str):
