@@ -40,7 +40,7 @@ def _run(gpus: int, a, work: Path) -> dict:
             f"pools.extract.dtype={a.dtype}", f"pools.av.dtype={a.dtype}", f"pools.ar.dtype={a.dtype}",
             "bootstrap=200"]
     cmd = [sys.executable, str(REPO / "jobs" / "reproduce_fve.py"), "--preset", a.preset, "--n", str(a.n),
-           "--out", str(out), "--fresh", "--store", str(out / "store")] + [x for s in sets for x in ("--set", s)]
+           "--out", str(out), "--fresh", "--store", str(out / "store")] + [x for s in sets + a.set for x in ("--set", s)]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(gpus)))
     t0 = time.time()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -87,6 +87,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--preset", default="mini")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any preset field of both runs (after this job's own pool settings), "
+                        "e.g. --set av.backend=fused")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--samples", type=int, default=4, help="AV samples per activation (best-of-N workload)")
     p.add_argument("--temperature", type=float, default=1.0)

@@ -15,17 +15,22 @@ from nla_ray.runtime.rows import RowParts
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def quote_run(tiny_families, load_job):
+def run_job(load_job, name: str, args: list) -> int:
+    """A job's exit status, with its local Ray shut down after (each job starts a fresh one)."""
     import ray
 
+    try:
+        return load_job(name).JOB.entry(args)
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def quote_run(tiny_families, load_job):
     tmp, preset = tiny_families
     out = tmp / "quotes"
     args = ["--preset", str(preset), "--out", str(out), "--store", str(tmp / "store_text")]
-    try:
-        assert load_job("quote_ablation").JOB.entry(args) == 0
-    finally:
-        ray.shutdown()
+    assert run_job(load_job, "quote_ablation", args) == 0
     return tmp, preset, out
 
 
@@ -86,17 +91,12 @@ def test_decodes_dir_must_hold_rows(tiny_families, load_job, tmp_path):
 
 
 def test_best_of_n_sweep_is_tune_trials_sharing_the_cluster(tiny_families, load_job, monkeypatch):
-    import ray
-
     tmp, preset = tiny_families
     out = tmp / "bon"
     monkeypatch.chdir(tmp)  # a relative --out, as users type it: rows must still land under it
     args = ["--preset", str(preset), "--out", "bon", "--store", str(tmp / "store_text"), "--k", "3",
             "--temperatures", "1.0,1.3", "--Ns", "1,2,3"]
-    try:
-        assert load_job("best_of_n").JOB.entry(args) == 0
-    finally:
-        ray.shutdown()
+    assert run_job(load_job, "best_of_n", args) == 0
     s = json.loads((out / "summary.json").read_text())
     res = {r["arm"]: r for r in s["headline"]["results"]}
     assert list(res) == ["greedy", "T1.0", "T1.3"] and all(r["error"] is None for r in res.values())
@@ -115,17 +115,12 @@ def test_best_of_n_sweep_is_tune_trials_sharing_the_cluster(tiny_families, load_
 
 def test_adjacent_layers_one_pass_and_bound(tiny_families, load_job):
     """§6 on the tiny family: three layers from one extraction, the pair's own layer at offset 0."""
-    import ray
-
     from nla_ray.analysis import layers as LY
 
     tmp, preset = tiny_families
     out = tmp / "adjacent"
-    try:
-        assert load_job("adjacent_layers").JOB.entry(["--preset", str(preset), "--out", str(out),
-                                                      "--store", str(tmp / "store_layers")]) == 0
-    finally:
-        ray.shutdown()
+    assert run_job(load_job, "adjacent_layers",
+                   ["--preset", str(preset), "--out", str(out), "--store", str(tmp / "store_layers")]) == 0
     s = json.loads((out / "summary.json").read_text())
     rows = {r["layer"]: r for r in s["headline"]["layers"]}
     assert sorted(rows) == [1, 2, 3] and s["headline"]["pair_layer"] == 2
@@ -141,15 +136,10 @@ def test_adjacent_layers_one_pass_and_bound(tiny_families, load_job):
 def test_self_drift_of_an_unchanged_model_is_zero(tiny_families, load_job):
     """§7c wiring: the tiny pair's AV and AR are copies of the base, so their own streams equal the
     base's exactly; the store keeps them as separate entries (the role's weights are in the key)."""
-    import ray
-
     tmp, preset = tiny_families
     out = tmp / "drift"
-    try:
-        assert load_job("self_drift").JOB.entry(["--preset", str(preset), "--out", str(out),
-                                                 "--store", str(tmp / "store_drift")]) == 0
-    finally:
-        ray.shutdown()
+    assert run_job(load_job, "self_drift",
+                   ["--preset", str(preset), "--out", str(out), "--store", str(tmp / "store_drift")]) == 0
     s = json.loads((out / "summary.json").read_text())
     for role in ("AV", "AR"):
         d = s["headline"]["drift"][role]
