@@ -8,11 +8,11 @@ extraction batch start -> last AR batch end), which excludes Ray start-up and mo
 also as plain wall time. Writes summary.json, table.md and a per-stage timeline figure.
 
   python jobs/pipeline_scaling.py --gpus 2 --n 1000 --out results/perf/<gpu>/pipeline_scaling
+  python jobs/pipeline_scaling.py --recompute results/perf/h200x2-pipeline-scaling/summary.json --samples 8 --out DIR
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -22,8 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nla_ray.runtime.pipeline import write_json  # noqa: E402
-from nla_ray.core.provenance import provenance  # noqa: E402
+from nla_ray.jobkit import Context, Job, Result, Table  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,6 +39,7 @@ def _run(gpus: int, a, work: Path) -> dict:
             f"pools.extract.dtype={a.dtype}", f"pools.av.dtype={a.dtype}", f"pools.ar.dtype={a.dtype}",
             "bootstrap=200"]
     cmd = [sys.executable, str(REPO / "jobs" / "reproduce_fve.py"), "--preset", a.preset, "--n", str(a.n),
+           *(["--config", a.config] if a.config else []),
            "--out", str(out), "--fresh", "--store", str(out / "store")] + [x for s in sets + a.set for x in ("--set", s)]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(gpus)))
     t0 = time.time()
@@ -83,24 +83,28 @@ def _figure(runs: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _args(p) -> None:
     p.add_argument("--gpus", type=int, default=2)
-    p.add_argument("--preset", default="mini")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any preset field of both runs (after this job's own pool settings), "
-                        "e.g. --set av.backend=fused")
-    p.add_argument("--n", type=int, default=1000)
     p.add_argument("--samples", type=int, default=4, help="AV samples per activation (best-of-N workload)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--av-batch", type=int, default=128)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--work", default="/tmp/nla_scaling", help="where the two runs write their rows")
-    p.add_argument("--out", required=True)
     p.add_argument("--recompute", help="an earlier summary.json: re-derive rates/table/figure from its timelines")
-    a = p.parse_args(argv)
-    work, out = Path(a.work), Path(a.out)
+
+
+OWN_RUNS = "each of the two runs starts its own local Ray, with a fresh output dir and an empty store"
+JOB = Job("pipeline_scaling", __doc__, add_args=_args,
+          unused={"ray_address": OWN_RUNS, "fresh": OWN_RUNS, "store": OWN_RUNS,
+                  "verify_against": "the two runs are compared with each other (same_fve)"})
+
+
+@JOB.main
+def run(ctx: Context) -> Result:
+    a = ctx.args
+    a.n = ctx.cfg.n or 1000
+    a.preset = ctx.cfg.name
     if a.recompute:
         # Re-derive every rate from the stored per-run timelines of an earlier summary.json.
         prev = json.loads(Path(a.recompute).read_text())
@@ -113,25 +117,26 @@ def main(argv=None) -> int:
             runs.append(_derive(r, a.samples))
         prov_prev = prev.get("provenance")
     else:
-        runs = [_run(1, a, work), _run(a.gpus, a, work)]
+        with ctx.timer("runs"):
+            runs = [_run(1, a, Path(a.work)), _run(a.gpus, a, Path(a.work))]
         prov_prev = None
     ratio = runs[1]["rows_per_s_steady"] / runs[0]["rows_per_s_steady"]
-    summary = {"job": "pipeline_scaling", "format": 2, "runs": runs, "gpus": a.gpus,
-               "throughput_ratio_steady": ratio, "throughput_ratio_wall": runs[1]["rows_per_s_wall"] / runs[0]["rows_per_s_wall"],
-               "same_fve": runs[0]["fve_own"] == runs[1]["fve_own"], "args": vars(a), "provenance": provenance(a.preset)}
+    head = {"gpus": a.gpus, "throughput_ratio_steady": ratio,
+            "throughput_ratio_wall": runs[1]["rows_per_s_wall"] / runs[0]["rows_per_s_wall"],
+            "same_fve": runs[0]["fve_own"] == runs[1]["fve_own"]}
+    extra = {"format": 2, "runs": runs, "args": {k: v for k, v in vars(a).items() if k != "set"} | {"set": a.set}}
     if prov_prev:
-        summary["measured_provenance"] = prov_prev  # where the timelines were measured (GPU machine)
-    write_json(out / "summary.json", summary)
-    _figure(runs, out / "timeline.png")
-    lines = ["| GPUs | rows scored | steady window s | rows/s steady | wall s | rows/s wall | FVE own |", "|---|---|---|---|---|---|---|"]
-    for r in runs:
-        lines.append(f"| {r['gpus']} | {r['rows_scored']} | {r['steady_window_s']} | {r['rows_per_s_steady']:.2f} | "
-                     f"{r['wall_s']} | {r['rows_per_s_wall']:.2f} | {r['fve_own']:.4f} |")
-    lines.append(f"\nthroughput ratio {a.gpus}/1 GPU: steady {ratio:.2f}x, wall {summary['throughput_ratio_wall']:.2f}x\n")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+        extra["measured_provenance"] = prov_prev  # where the timelines were measured (GPU machine)
+    fig = ctx.figure("timeline.png")
+    _figure(runs, fig)
+    shown = [{"GPUs": r["gpus"], "rows scored": r["rows_scored"], "steady window s": r["steady_window_s"],
+              "rows/s steady": r["rows_per_s_steady"], "wall s": r["wall_s"], "rows/s wall": r["rows_per_s_wall"],
+              "FVE own": r["fve_own"]} for r in runs]
+    return Result(headline=head, extra=extra, figures=[fig],
+                  tables=[Table(f"Same work on 1 and {a.gpus} GPU(s)", shown, list(shown[0]),
+                                note=f"throughput ratio {a.gpus}/1 GPU: steady {ratio:.2f}x, wall "
+                                     f"{head['throughput_ratio_wall']:.2f}x")])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    JOB.run_cli()

@@ -1,24 +1,30 @@
 """Train a mini NLA pair (SmolLM2-135M L20 or Gemma-3-270M L12) on the packaged corpus's TRAIN slice.
 
-Phases: collect -> ar -> av -> eval (see nla_ray/train.py). Each phase saves its output under
+The preset names the family (mini -> smollm2-L20, mini-gemma -> gemma3-L12; --family overrides).
+Phases: collect -> ar -> av -> eval (see nla_ray/training/sft.py). Each phase saves its output under
 --work and is skipped when rerun, so a long training splits into calls of a few minutes. The result
 is a pair in the released sidecar format whose weights are LoRA adapters on the packaged base model
-plus the AR value head (a few MB), written to nla_ray/pairs/<family>/ so `mini:<family>` picks it up.
+plus the AR value head (a few MB). It is written to <--out>/pair (a run directory); `--ship`
+writes it to nla_ray/pairs/<family>/ instead, where `mini:<family>` picks it up, replacing the
+shipped pair — shipping is always this explicit step.
 
-  python jobs/train_mini_nla.py --family smollm2-L20                 # GPU recommended
-  python jobs/train_mini_nla.py --family gemma3-L12 --set av_epochs=1.5
-  python jobs/train_mini_nla.py --family smollm2-L20 --set n_train_docs=40 --set positions_per_doc=4  # CPU smoke
-  python jobs/train_mini_nla.py --family gemma3-L12 --budget-s 540   # pauses (exit 75) before 9 min; rerun resumes
+Training settings are `--set train.<field>=...` (TrainConfig in nla_ray/training/sft.py) and
+`--set grpo.<field>=...` (GRPOConfig); `--n` is the number of training activations.
+
+  python jobs/train_mini_nla.py --preset mini                       # GPU recommended
+  python jobs/train_mini_nla.py --preset mini-gemma --set train.av_epochs=1.5
+  python jobs/train_mini_nla.py --preset mini --n 160 --set train.positions_per_doc=4   # CPU smoke, runs/...
+  python jobs/train_mini_nla.py --preset mini-gemma --budget-s 540  # pauses (exit 75) before 9 min; rerun resumes
+  python jobs/train_mini_nla.py --preset mini --ship --out results/train_mini_nla/smollm2-L20   # replace the shipped pair
 
 With --budget-s the ar/av phases save a checkpoint under --work when the budget is spent and the job
 exits with status 75 (EX_TEMPFAIL); the same command resumes at that step. The target recipe
-(`--set target_recipe=v2`, see nla_ray/targets.py) is applied to the collected data at load time, so
-recipes can share one collect phase.
+(`--set train.target_recipe=v2`, see nla_ray/training/targets.py) is applied to the collected data at
+load time, so recipes can share one collect phase. `--fresh` deletes --work's phase outputs first.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -37,6 +43,7 @@ from nla_ray.training import targets  # noqa: E402
 from nla_ray.training import sft as train  # noqa: E402
 from nla_ray.nla.corpora import PackagedBBCNews  # noqa: E402
 from nla_ray.nla.models import load_causal_lm, resolve_device  # noqa: E402
+from nla_ray.jobkit import Context, Job, Result, UserError  # noqa: E402
 from nla_ray.runtime.pipeline import write_json  # noqa: E402
 from nla_ray.core.provenance import provenance  # noqa: E402
 from nla_ray.nla.sidecar import write_sidecar  # noqa: E402
@@ -72,44 +79,68 @@ def _curve_figure(curves: dict, path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", choices=sorted(pairs.MINI_PAIRS), required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig field override")
+def _args(p) -> None:
+    p.add_argument("--family", choices=sorted(pairs.MINI_PAIRS), help="override the preset's family")
     p.add_argument("--work", help="phase checkpoints (default ~/.cache/nla_ray/train/<family>)")
-    p.add_argument("--pair-out", help="where the trained pair goes (default nla_ray/pairs/<family>)")
-    p.add_argument("--results", help="summary/figures (default results/train_mini_nla/<family>)")
+    p.add_argument("--pair-out", help="where the trained pair goes (default <--out>/pair; with --ship the shipped dir)")
+    p.add_argument("--ship", action="store_true",
+                   help="write the pair to nla_ray/pairs/<family>/, replacing the shipped one")
     p.add_argument("--device", default="auto")
     p.add_argument("--phases", default="collect,ar,av,eval",
                    help="comma list of collect,ar,av,eval,grpo (grpo needs eval first: it reports before/after)")
-    p.add_argument("--grpo", action="append", default=[], metavar="KEY=VALUE", help="GRPOConfig field override")
     p.add_argument("--promote-grpo", action="store_true",
-                   help="replace the shipped AV adapter with the GRPO one if held-out FVE improved")
+                   help="replace the pair's AV adapter with the GRPO one if held-out FVE improved")
     p.add_argument("--budget-s", type=float,
                    help="wall-clock budget: ar/av checkpoint and exit 75 when it is spent, grpo stops early")
-    a = p.parse_args(argv)
+
+
+ONE_PROCESS = "training runs in one process on one device"
+JOB = Job("train_mini_nla", __doc__, add_args=_args, own_sets=("train", "grpo"),
+          unused={"ray_address": ONE_PROCESS, "store": ONE_PROCESS + " and collects its own activations",
+                  "verify_against": ONE_PROCESS})
+EX_TEMPFAIL = 75
+
+
+@JOB.main
+def run(ctx: Context) -> Result:
+    a = ctx.args
+    if a.family is None:
+        spec = str(ctx.cfg.pair)
+        fam = spec.split(":", 1)[1] if spec.startswith("mini:") else None
+        if fam not in pairs.MINI_PAIRS:
+            raise UserError(f"preset {ctx.cfg.name!r} (pair {spec}) is not a mini family: train_mini_nla trains "
+                            f"{', '.join('mini:' + f for f in pairs.MINI_PAIRS)} (--preset mini / mini-gemma, or --family)")
+        a.family = fam
+    a.set, a.grpo, a.results = ctx.own_sets["train"], ctx.own_sets["grpo"], str(ctx.out)
+    if a.ship and a.pair_out:
+        raise UserError("--ship writes the shipped pair; --pair-out names another place: give one of them")
     deadline = time.time() + a.budget_s if a.budget_s is not None else None
     try:
-        return _run(a, deadline)
+        _run(a, deadline, n=ctx.cfg.n, fresh=a.fresh)
     except train.Paused as e:
-        print(f"[paused] {e}", flush=True)
-        return 75
+        ctx.log(f"[paused] {e}")
+        return Result(headline={"paused": str(e)}, own_files=True, exit_status=EX_TEMPFAIL)
+    path = ctx.out / "summary.json"
+    held = json.loads(path.read_text()).get("heldout", {}) if path.is_file() else {}
+    return Result(headline={"family": a.family, **held}, own_files=True,
+                  figures=[f for f in [ctx.out / "training_curves.png"] if f.is_file()])
 
 
-def _run(a, deadline) -> int:
+def _run(a, deadline, *, n: int | None = None, fresh: bool = False) -> int:
 
     cfg = train.TrainConfig(family=a.family)
-    try:
-        set_fields(cfg, a.set, "--set")
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    set_fields(cfg, a.set, "--set train")
+    if n is not None:
+        cfg.n_train_docs = -(-n // cfg.positions_per_doc)
     if cfg.target_recipe not in targets.RECIPES:
-        raise SystemExit(f"--set target_recipe: {cfg.target_recipe!r} is not one of {sorted(targets.RECIPES)}")
+        raise UserError(f"--set train.target_recipe: {cfg.target_recipe!r} is not one of {sorted(targets.RECIPES)}")
     fam = pairs.MINI_PAIRS[a.family]
     K = fam["layer"]
     work = Path(a.work) if a.work else sources.cache_root() / "train" / a.family
-    pair_out = Path(a.pair_out) if a.pair_out else REPO / "nla_ray" / "pairs" / a.family
-    results = Path(a.results) if a.results else REPO / "results" / "train_mini_nla" / a.family
+    results = Path(a.results)
+    pair_out = (Path(a.pair_out) if a.pair_out else pairs.SHIPPED_DIR / a.family if a.ship else results / "pair")
+    if fresh:
+        shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     phases = a.phases.split(",")
     dev = resolve_device(a.device)
@@ -141,12 +172,12 @@ def _run(a, deadline) -> int:
         del model
         timings["collect_s"] = round(time.time() - t0, 1)
     if not data_f.is_file():
-        raise SystemExit(f"no collected data at {data_f}: run the collect phase first")
+        raise UserError(f"no collected data at {data_f}: run the collect phase first")
     data = torch.load(data_f, weights_only=False)
     tr, ev = train.set_targets(data["train"], cfg.target_recipe), train.set_targets(data["eval"], cfg.target_recipe)
     overlap = {r["doc_id"] for r in tr} & {r["doc_id"] for r in ev}
     if overlap:
-        raise SystemExit(f"held-out documents leaked into training: {sorted(overlap)[:5]}")
+        raise UserError(f"held-out documents leaked into training: {sorted(overlap)[:5]}")
     norms = np.linalg.norm(np.stack([r["vector"] for r in tr]), axis=1)
     inj_scale = round(float(np.median(norms)), 2)
     gold_tr = np.stack([r["vector"] for r in tr]).astype(np.float32)
@@ -202,7 +233,7 @@ def _run(a, deadline) -> int:
     # -- write the pair + eval ---------------------------------------------------------------
     if "eval" in phases:
         if not (ar_dir / "value_head.safetensors").is_file() or not (av_dir / "adapter").is_dir():
-            raise SystemExit("eval needs the ar and av phases to have finished")
+            raise UserError("eval needs the ar and av phases to have finished")
         for role, meta, src in (("av", av_meta, av_dir), ("ar", ar_meta, ar_dir)):
             dst = pair_out / role
             shutil.rmtree(dst, ignore_errors=True)
@@ -254,12 +285,9 @@ def _grpo_phase(a, cfg, tok, res, dev, tr, ev, work: Path, pair_out: Path, resul
     from nla_ray.nla.sidecar import read_sidecar
 
     if not (results / "summary.json").is_file():
-        raise SystemExit("grpo reports before/after: run the eval phase first")
+        raise UserError("grpo reports before/after: run the eval phase first")
     gcfg = grpo.GRPOConfig(max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed)
-    try:
-        set_fields(gcfg, a.grpo, "--grpo")
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    set_fields(gcfg, a.grpo, "--set grpo")
     base = load_causal_lm(res.path, device=dev, dtype=torch.float32)
     peft_m = PeftModel.from_pretrained(base, str(pair_out / "av" / "adapter"), is_trainable=True)
     av = AVEngine(peft_m.base_model.model, tok, read_sidecar(pair_out / "av"), max_new_tokens=cfg.eval_max_new_tokens)
@@ -302,4 +330,4 @@ def _grpo_phase(a, cfg, tok, res, dev, tr, ev, work: Path, pair_out: Path, resul
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    JOB.run_cli()

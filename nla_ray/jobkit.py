@@ -94,6 +94,11 @@ class Result:
     legend: str = ""
     examples: list = field(default_factory=list)
     clean: bool = True             # False: the job finished but something was not (exit 3)
+    # The job's own module already wrote summary.json / table.md into ctx.out (bench rewrites them
+    # after every stage so a run cut short keeps what it measured): Job adds the contract's keys
+    # (job, config, headline, run, provenance) to that summary and provenance to the table.
+    own_files: bool = False
+    exit_status: int | None = None   # e.g. 75: paused at a budget, the same command resumes
 
 
 FVE_LEGEND = ("FVE = 1 − NMSE / Var: the share of the activation's (direction-normalised) variance the "
@@ -120,6 +125,7 @@ class Context:
         self.timer = Timer()
         self.store = ActivationStore(args.store, log=self.log)
         self.runs: dict[str, dict] = {}
+        self.own_sets: dict[str, list[str]] = {}
         self._pairs: dict = {}
         self._docs: dict = {}
 
@@ -294,8 +300,30 @@ class Context:
 
 
 class Job:
-    def __init__(self, name: str, doc: str | None, *, add_args: Callable[[argparse.ArgumentParser], None] | None = None):
+    """`unused`: contract arguments that mean nothing to this job, with why (given, they are refused
+    with that reason instead of silently ignored). `own_sets`: `--set PREFIX.key=value` items routed
+    to the job (ctx.own_sets[PREFIX] = ["key=value", ...]) instead of the preset's config."""
+
+    def __init__(self, name: str, doc: str | None, *, add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+                 unused: dict[str, str] | None = None, own_sets: tuple[str, ...] = ()):
         self.name, self.doc, self.add_args = name, doc or name, add_args
+        self.unused, self.own_sets = dict(unused or {}), tuple(own_sets)
+
+    def _check_args(self, args: argparse.Namespace) -> dict[str, list[str]]:
+        for dest, why in self.unused.items():
+            v = getattr(args, dest, None)
+            if v not in (None, False, [], ""):
+                raise UserError(f"--{dest.replace('_', '-')} does not apply to {self.name}: {why}")
+        routed: dict[str, list[str]] = {p: [] for p in self.own_sets}
+        keep = []
+        for item in args.set:
+            head, _, rest = item.partition(".")
+            if head.strip() in routed and rest:
+                routed[head.strip()].append(rest)
+            else:
+                keep.append(item)
+        args.set = keep
+        return routed
 
     def parser(self) -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(prog=f"jobs/{self.name}.py", description=self.doc,
@@ -313,9 +341,11 @@ class Job:
             args = self.parser().parse_args(argv)
             debug = args.debug or os.environ.get("NLA_RAY_DEBUG")
             try:
+                own_sets = self._check_args(args)
                 cfg = config_from_args(args)
                 out = Path(args.out) if args.out else default_out(self.name, cfg.name)
                 ctx = Context(self, args, cfg, out)
+                ctx.own_sets = own_sets
                 # Taken before the work, not after: a commit made while a long run is going must not
                 # be recorded as the code that ran.
                 ctx.provenance = provenance(cfg.name)
@@ -330,6 +360,8 @@ class Job:
                 msg = e.args[0] if isinstance(e, KeyError) and e.args else e
                 print(f"error: {msg}" + ("" if debug else "   (--debug for the traceback)"), file=sys.stderr)
                 return 2
+            if res.exit_status is not None:
+                return res.exit_status
             return 0 if res.clean else 3
         self.entry = entry
         return entry
@@ -342,6 +374,8 @@ class Job:
 
         out = ctx.out
         out.mkdir(parents=True, exist_ok=True)
+        if res.own_files:
+            return self._write_over_own(ctx, res)
         summary = {"job": self.name, "config": ctx.cfg.to_dict(), "headline": res.headline, **res.extra,
                    "run": {"arms": ctx.runs, "wall_s_by_phase": ctx.timer.t},
                    "provenance": ctx.provenance or provenance(ctx.cfg.name)}
@@ -367,6 +401,29 @@ class Job:
         write_text(out / "table.md", "\n".join(md))
         ctx.log("\n".join(md[:2 + len(res.tables)]))
         ctx.log(f"[{self.name}] wrote {out}/summary.json, table.md" + (", rows.parquet" if res.rows is not None else "")
+                + "".join(f", {Path(f).name}" for f in res.figures))
+
+
+    def _write_over_own(self, ctx: Context, res: Result) -> None:
+        import json
+
+        from nla_ray import report
+
+        path = ctx.out / "summary.json"
+        own = json.loads(path.read_text()) if path.is_file() else {}
+        prov = dict(ctx.provenance or provenance(ctx.cfg.name))
+        theirs = own.get("provenance") or {}
+        if any(theirs.get(k) not in (None, prov[k]) for k in ("command", "git_commit")):
+            own["measured_provenance"] = theirs  # another command measured what this one re-derived
+        prov.update({k: v for k, v in theirs.items() if k not in prov})  # e.g. the bench file's sha256
+        own.update({"job": self.name, "config": ctx.cfg.to_dict(), "headline": res.headline, **res.extra,
+                    "run": {"wall_s_by_phase": ctx.timer.t}, "provenance": prov})
+        write_json(path, own)
+        md = (ctx.out / "table.md").read_text() if (ctx.out / "table.md").is_file() else f"# {self.name}\n"
+        if "## Provenance" not in md:
+            md = md.rstrip() + "\n\n## Provenance\n\n" + report.provenance_md(prov)
+        write_text(ctx.out / "table.md", md)
+        ctx.log(f"[{self.name}] wrote {ctx.out}/summary.json, table.md"
                 + "".join(f", {Path(f).name}" for f in res.figures))
 
 

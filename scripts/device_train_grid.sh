@@ -36,7 +36,7 @@ run_variant() {  # NAME FAMILY BUDGET_S ARGS...
   # It stays inside HARD_S (default 560: a device call ends at 600 s) so packing still happens.
   local hard=$(( budget + 150 )); [ "$hard" -gt "${HARD_S:-560}" ] && hard=${HARD_S:-560}
   timeout --signal=TERM "$hard" "$PY" jobs/train_mini_nla.py --family "$family" --work "$R/work/$name" --pair-out "$R/pair/$name" \
-    --results "$R/res/$name" --budget-s "$budget" "$@" < /dev/null >> "$R/logs/$name.log" 2>&1
+    --out "$R/res/$name" --budget-s "$budget" "$@" < /dev/null >> "$R/logs/$name.log" 2>&1
   echo "[grid] $name exit $?" | tee -a "$R/logs/$name.log"
   pack "$name"
 }

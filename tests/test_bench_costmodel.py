@@ -213,9 +213,22 @@ def test_costmodel_job_on_tiny_bench(tiny_run, tmp_path):
     spec = importlib.util.spec_from_file_location("cost_model_job", path)
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    rc = job.main(["--bench", str(out / "summary.json"), "--out", str(tmp_path), "--usd-per-gpu-hour", "2.5"])
+    rc = job.JOB.entry(["--bench", str(out / "summary.json"), "--out", str(tmp_path), "--usd-per-gpu-hour", "2.5",
+                        "--n", "2000"])
     assert rc == 0
     rep = json.loads((tmp_path / "summary.json").read_text())
+    # The job contract's keys on top of the cost model's own: the preset's model is the headline,
+    # and --n is priced with it.
+    assert rep["job"] == "cost_model" and rep["config"]["name"] == "mini"
+    h = rep["headline"]
+    assert h["model"] == "smollm2-135m" and h["for_n"]["n"] == 2000
+    per = rep["models"]["smollm2-135m"]["per_activation"]["total_recompute_s"]
+    assert h["for_n"]["gpu_hours_recompute"] == pytest.approx(per * 2000 / 3600)
+    assert h["for_n"]["usd_recompute"] == pytest.approx(per * 2000 / 3600 * 2.5)
+    # Contract arguments that mean nothing here are refused, naming why, and nothing is written.
+    assert job.JOB.entry(["--bench", str(out / "summary.json"), "--out", str(tmp_path / "x"), "--fresh"]) == 2
+    assert not (tmp_path / "x").exists()
+    assert job.JOB.entry(["--bench", str(tmp_path / "nope.json"), "--out", str(tmp_path / "y")]) == 2
     assert rep["bench"]["sha256"] == costmodel.file_digest(out / "summary.json")
     assert rep["provenance"]["bench_sha256"] == rep["bench"]["sha256"]
     assert rep["parameters"]["usd_per_gpu_hour"] == 2.5
@@ -240,3 +253,22 @@ def test_merge_takes_each_model_from_the_named_run(tiny_run, tmp_path):
     assert "Merged by" in md and "nothing re-measured" in md
     with pytest.raises(ValueError, match="no model"):
         bench.merge([(second / "summary.json", ["qwen2.5-7b"])], tmp_path / "bad", figure=False)
+
+
+def test_bench_job_preset_picks_its_architecture(tmp_path):
+    """Through the job contract: --preset mini-gemma benches only the Gemma-3-270M architecture."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "jobs" / "bench.py"
+    spec = importlib.util.spec_from_file_location("bench_job", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    rc = job.JOB.entry(["--preset", "mini-gemma", "--tiny", "--reps", "1", "--warmup", "0", "--backends", "fast",
+                        "--out", str(tmp_path)])
+    assert rc == 0
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert list(s["models"]) == ["gemma3-270m"] and s["headline"]["models"] == {"gemma3-270m": "ok"}
+    assert s["job"] == "bench" and s["config"]["name"] == "mini-gemma" and s["schema"] == bench.SCHEMA
+    assert "## Provenance" in (tmp_path / "table.md").read_text()
+    assert job.JOB.entry(["--preset", "mini", "--tiny", "--n", "3", "--out", str(tmp_path / "x")]) == 2

@@ -519,3 +519,36 @@ def test_collect_last_block_is_raw_like_stage0(tiny_llama, smollm_tok):
     assert rows and set(ref) == {r["position"] for r in rows}
     for r in rows:
         np.testing.assert_allclose(r["vector"], ref[r["position"]], atol=1e-4, rtol=0)
+
+
+def _train_job():
+    spec = importlib.util.spec_from_file_location("_train_mini_nla_job2", REPO / "jobs" / "train_mini_nla.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+def test_train_job_contract_routes_sets_and_never_touches_the_shipped_pair(tmp_path):
+    """--preset picks the family, --set train.* reaches TrainConfig, --n sizes the training data, and
+    by default nothing is written under nla_ray/pairs (shipping is the explicit --ship)."""
+    job = _train_job()
+    shipped = pairs.SHIPPED_DIR / "smollm2-L20"
+    before = {p: p.stat().st_mtime_ns for p in shipped.rglob("*") if p.is_file()}
+    # A bad training field is one line (exit 2) before any work.
+    assert job.JOB.entry(["--set", "train.bogus=1", "--out", str(tmp_path / "a"), "--work", str(tmp_path / "w")]) == 2
+    assert job.JOB.entry(["--preset", "paper-qwen7b-L20", "--out", str(tmp_path / "b")]) == 2
+    assert job.JOB.entry(["--ship", "--pair-out", str(tmp_path / "p"), "--out", str(tmp_path / "c")]) == 2
+    # The collect phase on 6 training activations (3 documents x 2 positions) and 2 held-out documents.
+    rc = job.JOB.entry(["--preset", "mini", "--n", "6", "--set", "train.positions_per_doc=2",
+                        "--set", "train.n_eval_docs=2", "--set", "train.eval_positions_per_doc=1",
+                        "--phases", "collect", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "run")])
+    assert rc == 0
+    data = torch.load(tmp_path / "w" / "data.pt", weights_only=False)
+    assert len(data["train"]) == 6 and len({r["doc_id"] for r in data["train"]}) == 3
+    assert len(data["eval"]) == 2
+    import json
+
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["job"] == "train_mini_nla" and s["headline"]["family"] == "smollm2-L20"
+    assert s["provenance"]["preset"] == "mini"
+    assert {p: p.stat().st_mtime_ns for p in shipped.rglob("*") if p.is_file()} == before

@@ -99,7 +99,21 @@ MODELS: dict[str, BenchModel] = {
              num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
              rms_norm_eps=1e-5, tie_word_embeddings=True,
              rope_parameters={"rope_type": "default", "rope_theta": 100000.0})),
+    "gemma3-270m": BenchModel(
+        "gemma3-270m", "google/gemma-3-270m-it", "mini-gemma", "gemma3", "Gemma3TextConfig",
+        dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+             num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+             sliding_window=512, sliding_window_pattern=6, max_position_embeddings=32768,
+             rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh",
+             rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                              "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+        dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8)),
 }
+
+
+def models_for_preset(preset: str) -> list[str]:
+    """The bench models a preset runs (the architecture of its base model)."""
+    return [m.name for m in MODELS.values() if m.preset == preset]
 
 
 def measure_prompt_tokens(tokenizer) -> dict:
