@@ -33,6 +33,21 @@ def sample_positions(token_ids: Sequence[int], special_ids: Iterable[int], doc_i
     return rng.sample(cands, k=min(k, len(cands)))
 
 
+# The `every` rule (token-position traces): all positions below this index, then every stride-th.
+DENSE_POSITIONS = 16
+
+
+def every_position(token_ids: Sequence[int], special_ids: Iterable[int], *, max_position: int | None = None,
+                   stride: int = 1, dense: int = DENSE_POSITIONS) -> list[int]:
+    """Every non-special token index up to `max_position` (inclusive; None = the whole document), in
+    order: all of them below `dense`, then `dense`, `dense + stride`, ... (stride 1 = all)."""
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    special = set(int(s) for s in special_ids)
+    n = len(token_ids) if max_position is None else min(len(token_ids), int(max_position) + 1)
+    return [i for i in range(n) if int(token_ids[i]) not in special and (i < dense or (i - dense) % stride == 0)]
+
+
 @dataclass
 class ExtractStats:
     docs_in: int = 0
@@ -46,7 +61,12 @@ class Extractor:
 
     def __init__(self, model, tokenizer, layers: Sequence[int], *, model_id: str, seed: int = 42,
                  positions_per_doc: int = 5, max_length: int = 2048, min_position: int = MIN_POSITION,
-                 batch_tokens: int = 16384):
+                 batch_tokens: int = 16384, rule: str = "sample", max_position: int | None = None, stride: int = 1):
+        """`rule`: "sample" (the release's stage 0: k positions >= min_position) or "every" (every
+        non-special position up to `max_position`, see `every_position`; the forward pass stops there)."""
+        if rule not in ("sample", "every"):
+            raise ValueError(f"position rule {rule!r} is not 'sample' or 'every'")
+        self.rule, self.max_position, self.stride = rule, max_position, stride
         self.layers = sorted(set(int(x) for x in layers))
         n_total = model.config.get_text_config().num_hidden_layers
         if self.layers[0] < 0 or self.layers[-1] >= n_total:
@@ -83,7 +103,12 @@ class Extractor:
         for doc_id, text in docs:
             self.stats.docs_in += 1
             ids, offs = self.tokenize(text)
-            pos = sample_positions(ids, self.special, doc_id, self.seed, self.k, self.min_position)
+            if self.rule == "every":
+                pos = every_position(ids, self.special, max_position=self.max_position, stride=self.stride)
+                if pos:  # causal: the tokens after the last position asked for change nothing before it
+                    ids, offs = ids[: pos[-1] + 1], offs[: pos[-1] + 1]
+            else:
+                pos = sample_positions(ids, self.special, doc_id, self.seed, self.k, self.min_position)
             if not pos:
                 self.stats.docs_short += 1
                 self.stats.short_ids.append(doc_id)

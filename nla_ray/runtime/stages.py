@@ -111,9 +111,12 @@ class Extract(Stage):
 
     def __init__(self, name: str, num_cpus: float, *, base: str, layers: list[int], seed: int,
                  positions_per_doc: int, max_length: int, dtype: str = "auto", align_tolerance: int = 2,
-                 adapter: str | None = None):
+                 adapter: str | None = None, positions: str = "sample", max_position: int | None = None,
+                 stride: int = 1):
         """`adapter`: a pair role directory (av/ or ar/) whose LoRA adapter is merged into the base
-        first, to read that fine-tuned model's own residual stream (self-drift, §7c)."""
+        first, to read that fine-tuned model's own residual stream (self-drift, §7c). `positions`:
+        "sample" (stage 0) or "every" (every non-special position up to `max_position`, all of the
+        first 16 then every `stride`-th: token-position traces; see nla_ray.nla.extract.every_position)."""
         super().__init__(name, num_cpus)
         from transformers import AutoTokenizer
 
@@ -140,7 +143,8 @@ class Extract(Stage):
         self.layers = sorted(set(int(x) for x in layers))
         self.base, self.seed, self.tol = base, seed, align_tolerance
         self.ex = Extractor(model, tok, self.layers, model_id=base, seed=seed,
-                            positions_per_doc=positions_per_doc, max_length=max_length)
+                            positions_per_doc=positions_per_doc, max_length=max_length, rule=positions,
+                            max_position=max_position, stride=stride)
 
     def _marker(self, doc_id: str, position: int, layer: int, **extra) -> dict:
         row = {"doc_id": doc_id, "position": position, "n_raw_tokens": 0, "sample_rank": 0,
@@ -198,6 +202,95 @@ class Extract(Stage):
                              "vector": hs[L][p].cpu().numpy().astype(np.float32), "seed": self.seed,
                              "anchor_position": int(a_pos), "align_err": int(err)})
         return rows
+
+
+def _stop_ids(model, tok) -> list[int]:
+    """End-of-turn ids of a chat model: its generation config's eos, the tokenizer's, and the
+    usual turn-end tokens the vocabulary has."""
+    ids = set()
+    for src in (getattr(model, "generation_config", None), model.config):
+        e = getattr(src, "eos_token_id", None) if src is not None else None
+        ids.update([e] if isinstance(e, int) else list(e or []))
+    if tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    for t in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>"):
+        tid = tok.convert_tokens_to_ids(t)
+        if isinstance(tid, int) and tid >= 0 and tid != getattr(tok, "unk_token_id", None):
+            ids.add(tid)
+    return sorted(int(i) for i in ids)
+
+
+class ChatAnswer(Stage):
+    """prompts (doc_id, text = one user turn) -> the base model's greedy answer, and its raw layer
+    vectors at the last prompt token and at `offsets` tokens before it (decoding before an answer).
+
+    The user turn goes through the tokenizer's chat template with the generation prompt, tokenized in
+    one step (as the AV prompt is); offset 0 is the last token before the answer (the template's
+    newline after the assistant marker). One row per (offset x layer), with `offset`, `answer` (the
+    greedy continuation up to the first end-of-turn token, special tokens dropped), `answer_tokens`
+    and `prompt_tokens`; `prefix_text` keeps the template's special tokens.
+    """
+
+    def __init__(self, name: str, num_cpus: float, *, base: str, layers: list[int], offsets: list[int],
+                 max_new_tokens: int = 64, seed: int = 42, dtype: str = "auto"):
+        super().__init__(name, num_cpus)
+        from transformers import AutoTokenizer
+
+        from nla_ray.nla import sources
+        from nla_ray.nla.extract import Extractor
+        from nla_ray.nla.models import load_causal_lm, resolve_device, resolve_dtype, text_config
+
+        dev = resolve_device("auto")
+        res = sources.resolve(base)
+        self.tok = AutoTokenizer.from_pretrained(res.path, trust_remote_code=False)
+        if not getattr(self.tok, "chat_template", None):
+            raise ValueError(f"{base}: the tokenizer has no chat template to put the prompt in a user turn")
+        self.model = load_causal_lm(res.path, device=dev, dtype=resolve_dtype(dtype, dev))
+        self.d = text_config(self.model.config).hidden_size
+        self.layers = sorted(set(int(x) for x in layers))
+        self.offsets = [int(o) for o in offsets]
+        self.base, self.seed, self.max_new = base, seed, int(max_new_tokens)
+        # a truncated, identity-normed view of the same weights: block-K outputs as Extract reads them
+        self.ex = Extractor(self.model, self.tok, self.layers, model_id=base, seed=seed)
+        self.stop = _stop_ids(self.model, self.tok)
+
+    def prompt_ids(self, text: str) -> list[int]:
+        from nla_ray.nla.templates import _as_id_list
+
+        out = self.tok.apply_chat_template([{"role": "user", "content": str(text)}], tokenize=True,
+                                           add_generation_prompt=True)
+        return _as_id_list(out)
+
+    def answer(self, ids: list[int]) -> tuple[str, int]:
+        import torch
+
+        x = torch.tensor([ids], device=self.ex.device)
+        with torch.no_grad():
+            out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
+                                      max_new_tokens=self.max_new, eos_token_id=self.stop, pad_token_id=self.stop[0],
+                                      temperature=None, top_p=None, top_k=None)
+        new = out[0, len(ids):].tolist()
+        cut = next((i for i, t in enumerate(new) if t in self.stop), len(new))
+        return self.tok.decode(new[:cut], skip_special_tokens=True).strip(), cut
+
+    def process(self, batch: dict) -> dict:
+        rows: list[dict] = []
+        for doc_id, text in zip(batch["doc_id"].tolist(), batch["text"].tolist()):
+            ids = self.prompt_ids(text)
+            hs = self.ex.hidden([ids])[0]
+            answer, n_ans = self.answer(ids)
+            valid = [o for o in self.offsets if len(ids) - 1 - o >= 0]
+            for rank, o in enumerate(valid):
+                p = len(ids) - 1 - o
+                for L in self.layers:
+                    rows.append({"doc_id": doc_id, "position": p, "n_raw_tokens": p + 1, "sample_rank": rank,
+                                 "positions_in_doc": len(valid), "layer": L, "model_id": self.base,
+                                 "token_id": int(ids[p]), "token": self.tok.decode([ids[p]]), "char_start": -1,
+                                 "char_end": -1, "prefix_text": self.tok.decode(ids[: p + 1]),
+                                 "vector": hs[L][p].cpu().numpy().astype(np.float32), "seed": self.seed,
+                                 "anchor_position": -1, "align_err": 0, "offset": o, "answer": answer,
+                                 "answer_tokens": int(n_ans), "prompt_tokens": len(ids)})
+        return _columns(rows)
 
 
 class Verbalize(Stage):
@@ -309,13 +402,24 @@ class Apply(Stage):
 
 
 def extract_spec(cfg, *, name: str = "extract", layers: list[int] | None = None, align_tolerance: int = 2,
-                 adapter: str | None = None) -> StageSpec:
+                 adapter: str | None = None, positions: str = "sample", max_position: int | None = None,
+                 stride: int = 1) -> StageSpec:
     pool = cfg.pools["extract"]
     kw = dict(base=cfg.base, layers=list(layers or cfg.layers), seed=cfg.seed, positions_per_doc=cfg.positions_per_doc,
               max_length=cfg.max_length, dtype=pool.dtype, align_tolerance=align_tolerance)
     if adapter:  # only when given, so the fingerprints of plain extractions do not change
         kw["adapter"] = str(adapter)
+    if positions != "sample":  # likewise: the position rule is recorded only when it is not stage 0
+        kw.update(positions=positions, max_position=max_position, stride=int(stride))
     return StageSpec(Extract, name, pool, kw)
+
+
+def answer_spec(cfg, *, offsets: list[int], max_new_tokens: int = 64, name: str = "answer", pool=None) -> StageSpec:
+    """A ChatAnswer pool (the base model generating, on the extraction pool's resources)."""
+    pool = pool or cfg.pools["extract"]
+    return StageSpec(ChatAnswer, name, pool, dict(base=cfg.base, layers=list(cfg.extract_layers),
+                                                  offsets=[int(o) for o in offsets],
+                                                  max_new_tokens=int(max_new_tokens), seed=cfg.seed, dtype=pool.dtype))
 
 
 def av_spec(cfg, av_dir: str, *, name: str = "av", src: str = "", out: str = "", pool=None, **override) -> StageSpec:

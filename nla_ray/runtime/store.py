@@ -57,6 +57,9 @@ def key_for(spec: StageSpec) -> ActivationKey:
     from nla_ray.runtime.pipeline import dir_digest
 
     kw = spec.kwargs
+    if kw.get("positions", "sample") != "sample":  # the key has no field for another position rule
+        raise ValueError("the activation store keeps stage-0 extractions only; run an every-position "
+                         "extraction through ctx.run")
     path = sources.resolve(kw["base"]).path
     files = {"sha256": dir_digest(path)}
     if kw.get("adapter"):  # a fine-tuned model's own stream: its adapter is part of the weights
