@@ -41,6 +41,14 @@ def _cmd_pairs(a) -> int:
     return 0
 
 
+def _cmd_report(a) -> int:
+    from nla_ray import report_page
+
+    md, page = report_page.write_report(a.results, a.out)
+    print(f"wrote {md}\nwrote {page}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nla_ray", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -66,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_cmd_trace)
     s = sub.add_parser("pairs", help="list the embedded-default NLA pairs")
     s.set_defaults(fn=_cmd_pairs)
+    r = sub.add_parser("report", help="write REPORT.md and a self-contained report.html from results/",
+                       description="One page for every analysis: our numbers beside the seed's, figures, "
+                                   "provenance, and a verdict computed from the numbers.")
+    r.add_argument("--results", default=str(Path(__file__).resolve().parent.parent / "results"),
+                   help="the results tree (default: the repository's results/)")
+    r.add_argument("--out", help="where to write REPORT.md and report.html (default: --results)")
+    r.set_defaults(fn=_cmd_report)
     return p
 
 
