@@ -54,12 +54,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _save_adapter(peft_model, directory: Path) -> None:
     """PEFT adapter, stored fp16 to keep the shipped pair small (the base stays fp32)."""
-    from safetensors.torch import load_file, save_file
+    from nla_ray.training.variants import save_adapter
 
-    peft_model.save_pretrained(str(directory), safe_serialization=True)
-    f = directory / "adapter_model.safetensors"
-    state = {k: v.to(torch.float16).contiguous() for k, v in load_file(str(f)).items()}
-    save_file(state, str(f))
+    save_adapter(peft_model, directory)
 
 
 def _curve_figure(curves: dict, path: Path, title: str) -> None:

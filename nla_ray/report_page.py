@@ -15,8 +15,8 @@ by hand; a result that is not there is shown as ``missing — run: <command>``.
 
 The exploration's jobs read ``position_trace``'s ``headline.bins`` / ``plateau`` / ``noise_ends_at_position``
 and ``answer_decode``'s ``headline.per_offset`` / ``keyword_base_rates`` / ``answer_right_form``;
-``checkpoint_transfer`` does not exist yet and this report expects
-``headline.checkpoints.{reference,dpo,sft}.{fve,cos}`` from it. A key that is not there shows as absent and
+``checkpoint_transfer`` writes ``headline.checkpoints.{base,sft-short,sft-long,dpo}.{fve,cos,drift_nmse}``
+(the SFT verdict reads the longer SFT). A key that is not there shows as absent and
 its verdict as missing, naming the key.
 """
 
@@ -511,11 +511,11 @@ def v_position(s: dict, r: Path) -> tuple[str, str]:
 
 
 def ckpt_drop(name: str) -> Value:
-    return lambda s, _r: num(s, "headline.checkpoints.reference.fve") - num(s, f"headline.checkpoints.{name}.fve")
+    return lambda s, _r: num(s, "headline.checkpoints.base.fve") - num(s, f"headline.checkpoints.{name}.fve")
 
 
 def v_checkpoints(s: dict, r: Path) -> tuple[str, str]:
-    dpo, sft = ckpt_drop("dpo")(s, r), ckpt_drop("sft")(s, r)
+    dpo, sft = ckpt_drop("dpo")(s, r), ckpt_drop("sft-long")(s, r)
     transfers, degrades = dpo <= CKPT_TRANSFER_DROP_MAX, sft >= CKPT_DEGRADE_DROP_MIN
     said = (f"FVE lost on DPO {fmt(dpo)} (transfers if ≤ {CKPT_TRANSFER_DROP_MAX}); on SFT {fmt(sft)} "
             f"(degrades if ≥ {CKPT_DEGRADE_DROP_MIN})")
@@ -694,14 +694,16 @@ SPECS: tuple[Spec, ...] = (
             f"({get(s, 'headline.n_docs')} docs)"),
     ), v_position, (0, 1), "FVE spread over positions · plateau"),
     Spec("checkpoint_transfer", "E2", "Transfer to fine-tuned checkpoints", (
-        Row("reference checkpoint: FVE", "headline.checkpoints.reference.fve", "ref_fve"),
-        Row("reference checkpoint: cos", "headline.checkpoints.reference.cos", "ref_cos"),
-        Row("DPO checkpoint: FVE", "headline.checkpoints.dpo.fve"),
-        Row("DPO checkpoint: cos", "headline.checkpoints.dpo.cos"),
-        Row("SFT checkpoint: FVE", "headline.checkpoints.sft.fve"),
-        Row("SFT checkpoint: cos", "headline.checkpoints.sft.cos"),
-        Row("FVE lost on DPO", ckpt_drop("dpo")), Row("FVE lost on SFT", ckpt_drop("sft")),
-    ), v_checkpoints, (6, 7), "FVE lost: DPO · SFT"),
+        Row("base checkpoint: FVE", "headline.checkpoints.base.fve", "ref_fve"),
+        Row("base checkpoint: cos", "headline.checkpoints.base.cos", "ref_cos"),
+        Row("DPO variant: drift NMSE to base", "headline.checkpoints.dpo.drift_nmse"),
+        Row("DPO variant: FVE", "headline.checkpoints.dpo.fve"),
+        Row("short SFT variant: drift NMSE to base", "headline.checkpoints.sft-short.drift_nmse"),
+        Row("short SFT variant: FVE", "headline.checkpoints.sft-short.fve"),
+        Row("long SFT variant: drift NMSE to base", "headline.checkpoints.sft-long.drift_nmse"),
+        Row("long SFT variant: FVE", "headline.checkpoints.sft-long.fve"),
+        Row("FVE lost on DPO", ckpt_drop("dpo")), Row("FVE lost on long SFT", ckpt_drop("sft-long")),
+    ), v_checkpoints, (8, 9), "FVE lost: DPO · long SFT"),
     Spec("answer_decode", "E3", "Decoding before an answer", (
         Row("FVE before the answer, 95% CI", answer_fve, "fve"),
         Row("cos before the answer", lambda s, _r: num(before_answer(s), "cos"), "cos"),

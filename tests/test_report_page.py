@@ -131,9 +131,11 @@ def position(fves=(0.3, 0.5, 0.45), ends=9):
 
 
 def checkpoints(ref=0.8, dpo=0.78, sft=0.6):
-    return summary("checkpoint_transfer", {"checkpoints": {"reference": {"fve": ref, "cos": 0.99},
-                                                           "dpo": {"fve": dpo, "cos": 0.99},
-                                                           "sft": {"fve": sft, "cos": 0.97}}})
+    return summary("checkpoint_transfer", {"checkpoints": {
+        "base": {"fve": ref, "cos": 0.99, "drift_nmse": 0.0},
+        "dpo": {"fve": dpo, "cos": 0.99, "drift_nmse": 0.01},
+        "sft-short": {"fve": (ref + sft) / 2, "cos": 0.98, "drift_nmse": 0.02},
+        "sft-long": {"fve": sft, "cos": 0.97, "drift_nmse": 0.05}}})
 
 
 def answer(before=0.3, names=0.6, other=0.2):
