@@ -113,7 +113,13 @@ class UserError(Exception):
     """A mistake the user can fix: printed as one line, exit status 2."""
 
 
-USER_ERRORS = (UserError, ValueError, FileNotFoundError, KeyError, PermissionError)
+def _user_errors() -> tuple:
+    from nla_ray.nla.sources import ModelSourceError  # a missing/unreadable model is the user's to fix
+
+    return (UserError, ValueError, FileNotFoundError, KeyError, PermissionError, ModelSourceError)
+
+
+USER_ERRORS = _user_errors()
 
 
 class Context:
@@ -344,6 +350,10 @@ class Job:
                 own_sets = self._check_args(args)
                 cfg = config_from_args(args)
                 out = Path(args.out) if args.out else default_out(self.name, cfg.name)
+                if os.environ.get("RAY_JOB_ID") and not args.out:
+                    print(f"[{self.name}] note: running as a Ray job without --out, so {out} is inside Ray's "
+                          "temporary copy of the working dir; pass an absolute --out to keep the results",
+                          file=sys.stderr, flush=True)
                 ctx = Context(self, args, cfg, out)
                 ctx.own_sets = own_sets
                 # Taken before the work, not after: a commit made while a long run is going must not
@@ -353,11 +363,16 @@ class Job:
                 t0 = time.time()
                 res = body(ctx)
                 ctx.timer.t["total"] = round(time.time() - t0, 2)
+                failed = {arm: r.get("rows_failed", 0) for arm, r in ctx.runs.items() if r.get("rows_failed")}
+                if failed:  # rows a stage could not process: kept apart, counted; the run is not clean
+                    res.clean = False
+                    ctx.log(f"[{self.name}] not clean: rows failed per arm {failed} (see summary.json run.arms.*.failures)")
                 self.write(ctx, res)
             except USER_ERRORS as e:
                 if debug:
                     traceback.print_exc()
                 msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+                msg = " ".join(str(msg).split())  # one line, whatever the library's message looked like
                 print(f"error: {msg}" + ("" if debug else "   (--debug for the traceback)"), file=sys.stderr)
                 return 2
             if res.exit_status is not None:

@@ -8,6 +8,8 @@ variance, so FVE uses the pair's recorded training-set Var when the sidecar has 
 
 from __future__ import annotations
 
+import shutil
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,12 +78,25 @@ def trace_text(av, ar, text: str, *, positions: list[int] | None = None, min_pos
     return rows, summary
 
 
-def format_trace(rows: list[TraceRow], summary: dict, width: int = 100) -> str:
-    lines = [f"{'pos':>4} {'token':<12} {'nmse':>7} {'cos':>7} {'fve':>7}  explanation"]
+def format_trace(rows: list[TraceRow], summary: dict, width: int | None = None) -> str:
+    """The trace as a table, one token per row. Explanations are never cut: they wrap onto
+    continuation lines under the explanation column so each line fits `width` columns (default: the
+    terminal's width, else 100; 0 or anything past an explanation's length: one line per token)."""
+    if width is None:
+        width = shutil.get_terminal_size((100, 24)).columns
+    head = f"{'pos':>4} {'token':<12} {'nmse':>7} {'cos':>7} {'fve':>7}  "
+    indent = " " * len(head)
+    # Never squeeze the explanation column below 24 characters, however narrow the terminal.
+    room = max(24, width - len(head)) if width > 0 else 0
+    lines = [head + "explanation"]
     for r in rows:
         tok = repr(r.token)[1:-1][:12]
         ex = (r.explanation or f"<{r.status}>").replace("\n", " ")
-        lines.append(f"{r.position:>4} {tok:<12} {r.nmse:7.4f} {r.cos:7.4f} {r.fve:7.3f}  {ex[:width]}")
+        first = f"{r.position:>4} {tok:<12} {r.nmse:7.4f} {r.cos:7.4f} {r.fve:7.3f}  "
+        fits = not room or len(ex) <= room
+        parts = [ex] if fits else textwrap.wrap(ex, room, break_long_words=True, break_on_hyphens=False)
+        lines.append(first + (parts[0] if parts else ""))
+        lines.extend(indent + p for p in parts[1:])
     s = summary
     fve = "n/a" if s["fve"] is None else f"{s['fve']:.3f}"
     lines.append(f"-- {s['n_tokens']} tokens, layer {s['layer']}: NMSE {s['nmse_mean']:.4f}, cos {s['cos_mean']:.4f}, "
