@@ -23,7 +23,7 @@ import torch
 from nla_ray.nla import templates as T
 from nla_ray.config import AV_BACKENDS as BACKENDS  # the backends are documented there
 from nla_ray.core.noise import gumbel_noise, sample_seed  # noqa: F401 - re-exported for callers
-from nla_ray.nla.models import text_config
+from nla_ray.nla.models import text_config, text_lm_view
 from nla_ray.nla.sidecar import NlaMeta
 
 def inject(embeds: torch.Tensor, slot: int, vectors: torch.Tensor, scale: float | None) -> torch.Tensor:
@@ -148,7 +148,7 @@ class AVEngine:
         if banned_ids:
             mask = torch.zeros(self.vocab, dtype=torch.bool, device=dev)
             mask[torch.tensor(list(banned_ids), device=dev)] = True
-        out = self.model(inputs_embeds=emb, use_cache=True)
+        out = self.model(inputs_embeds=emb, use_cache=True, logits_to_keep=1)  # prefill: only the last logits
         past = out.past_key_values
         logits = out.logits[:, -1, :]
         done = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -207,5 +207,7 @@ class AVEngine:
             kw.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        seqs = self.model.generate(**kw)
+        if getattr(self, "_hf_lm", None) is None:  # a multimodal wrapper generates through its text LM
+            self._hf_lm = text_lm_view(self.model)
+        seqs = self._hf_lm.generate(**kw)
         return [self._trim_after_close(r) for r in seqs.tolist()]

@@ -7,18 +7,59 @@ Two views of a base model:
     extraction without running the blocks above K).
 
 Gemma-3 checkpoints can load as the multimodal wrapper; `decoder_of` finds the text decoder in
-either layout. Safe defaults: ``trust_remote_code=False`` and safetensors only.
+either layout. Safe defaults: ``trust_remote_code=False`` and safetensors only. A checkpoint that
+holds its weights only as pickle files, or asks to run its own Python code (`auto_map`), is refused
+with the file named; custom code runs only when the user opts in with NLA_RAY_TRUST_REMOTE_CODE=1.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 SAFE = {"trust_remote_code": False, "use_safetensors": True}
+REMOTE_CODE_ENV = "NLA_RAY_TRUST_REMOTE_CODE"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def remote_code_allowed() -> bool:
+    """Whether the user opted in to running a checkpoint's own Python code (off unless
+    NLA_RAY_TRUST_REMOTE_CODE is 1/true/yes)."""
+    return os.environ.get(REMOTE_CODE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def check_weights_dir(path: str | Path) -> None:
+    """Refuse, naming the file, a local checkpoint whose weights exist only as pickle files (loading
+    a pickle can run code) or whose config asks for custom code without the user's opt-in. A hub id
+    (not a local directory) is left to `from_pretrained`, which loads safetensors only."""
+    p = Path(path)
+    if not p.is_dir():
+        return
+    if not remote_code_allowed():
+        for name in ("config.json", "tokenizer_config.json"):
+            f = p / name
+            try:
+                data = json.loads(f.read_text()) if f.is_file() else {}
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and data.get("auto_map"):
+                raise ValueError(
+                    f"{f}: field 'auto_map' asks to run the checkpoint's own Python code ({data['auto_map']}); "
+                    f"expected no custom code (trust_remote_code is off). Set {REMOTE_CODE_ENV}=1 to allow it "
+                    "explicitly if you trust this checkpoint")
+    safetensors = list(p.glob("*.safetensors")) + list(p.glob("*.safetensors.index.json"))
+    pickles = sorted(f.name for f in p.iterdir() if f.is_file() and f.suffix in PICKLE_SUFFIXES)
+    if not safetensors and pickles:
+        raise ValueError(
+            f"{p}: weights only as pickle files ({', '.join(pickles[:4])}); expected *.safetensors. nla_ray "
+            "loads safetensors only (unpickling can run code). Convert once where you trust the file: "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -74,6 +115,27 @@ def decoder_of(model: nn.Module) -> nn.Module:
     raise TypeError(f"cannot find a text decoder in {type(model).__name__}")
 
 
+def text_lm_view(model: nn.Module) -> nn.Module:
+    """A text-only causal LM over `model`'s weights, for `generate(inputs_embeds=...)`: `model` itself
+    unless it is a multimodal wrapper (Gemma3ForConditionalGeneration, whose generate refuses
+    inputs_embeds); then the text config's own CausalLM class, built on the meta device and handed
+    the wrapper's decoder and LM head (shared, not copied)."""
+    tc = text_config(model.config)
+    if tc is model.config:
+        return model
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        view = AutoModelForCausalLM.from_config(tc)
+    view.model = decoder_of(model)
+    view.lm_head = model.get_output_embeddings()
+    left = [n for n, t in [*view.named_parameters(), *view.named_buffers()] if t.is_meta]
+    if left:
+        raise TypeError(f"{type(view).__name__} over {type(model).__name__}: {left[:4]} not taken from the wrapper")
+    view.generation_config = model.generation_config
+    return view.eval()
+
+
 def identity_final_norm(decoder: nn.Module) -> None:
     for name in ("norm", "final_layernorm", "ln_f"):
         if hasattr(decoder, name):
@@ -85,9 +147,12 @@ def identity_final_norm(decoder: nn.Module) -> None:
 def load_causal_lm(path: str, *, device: torch.device, dtype: torch.dtype, config=None, **kw: Any):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    check_weights_dir(path)
+    trust = remote_code_allowed()
     if config is None:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **SAFE, **kw)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **{**SAFE, "trust_remote_code": trust},
+                                                 **kw)
     return model.to(device).eval()
 
 
@@ -97,7 +162,8 @@ def load_backbone(path: str, n_layers: int, *, device: torch.device, dtype: torc
 
     from transformers.utils import logging as hf_logging
 
-    config = truncate_config(AutoConfig.from_pretrained(path, trust_remote_code=False), n_layers)
+    check_weights_dir(path)
+    config = truncate_config(AutoConfig.from_pretrained(path, trust_remote_code=remote_code_allowed()), n_layers)
     # Blocks above K are in the checkpoint by design; the 'unexpected keys' report is noise here.
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()

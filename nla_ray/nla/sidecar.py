@@ -21,6 +21,12 @@ from nla_ray.nla import templates as T
 
 SIDECAR_NAME = "nla_meta.yaml"
 _ROLES = {"av": "av", "actor": "av", "ar": "ar", "critic": "ar"}
+SCHEMA_VERSIONS = (1, 2)  # the sidecar versions this code reads (absent: the release's files, read as 1)
+MISSING = "<missing>"
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class SidecarError(ValueError):
@@ -67,33 +73,52 @@ class NlaMeta:
     def from_dict(cls, d: dict, where: str = "<memory>") -> "NlaMeta":
         if not isinstance(d, dict):
             raise SidecarError(where, "<root>", "a mapping", type(d).__name__)
-        kind = d.get("kind")
+        kind = d.get("kind", MISSING)
         if kind != "nla_model":
             raise SidecarError(where, "kind", "nla_model", kind)
+        version = d.get("schema_version", 1)
+        if not _int(version) or version not in SCHEMA_VERSIONS:
+            raise SidecarError(where, "schema_version", f"one of {list(SCHEMA_VERSIONS)}", version,
+                               "written by a newer or another tool: upgrade nla_ray or convert the file")
         role = _ROLES.get(str(d.get("role", "")).lower())
         if role is None:
-            raise SidecarError(where, "role", "one of av/ar (or actor/critic)", d.get("role"))
-        d_model = d.get("d_model")
+            raise SidecarError(where, "role", "one of av/ar (or actor/critic)", d.get("role", MISSING))
+        d_model = d.get("d_model", MISSING)
         if not isinstance(d_model, int) or isinstance(d_model, bool) or d_model <= 0:
             raise SidecarError(where, "d_model", "a positive integer", d_model)
         ext = d.get("extraction") or {}
         if not isinstance(ext, dict):
             raise SidecarError(where, "extraction", "a mapping", ext)
+        if role == "av" and "injection_scale" not in ext:  # null is a value (inject raw); absence is not
+            raise SidecarError(where, "extraction.injection_scale", "a number, null or 'sqrt_d_model'", MISSING,
+                               "an AV must say what norm the vector is injected at")
         inj = resolve_scale(ext.get("injection_scale"), d_model, where=where,
                             field_name="extraction.injection_scale")
         mse = resolve_scale(ext.get("mse_scale", "sqrt_d_model"), d_model, where=where,
                             field_name="extraction.mse_scale")
-        tok = d.get("tokens")
+        tok = d.get("tokens", MISSING)
         if not isinstance(tok, dict):
             raise SidecarError(where, "tokens", "a mapping", tok)
-        char = tok.get("injection_char")
+        char = tok.get("injection_char", MISSING)
         if not isinstance(char, str) or len(char) != 1:
             raise SidecarError(where, "tokens.injection_char", "a single character", char)
-        tid = tok.get("injection_token_id")
-        if not isinstance(tid, int):
+        tid = tok.get("injection_token_id", MISSING)
+        if not _int(tid):
             raise SidecarError(where, "tokens.injection_token_id", "an integer", tid)
-        suffix = tok.get("critic_suffix_ids")
-        if suffix is not None and not (isinstance(suffix, list) and all(isinstance(i, int) for i in suffix)):
+        for side in ("left", "right"):
+            name = f"injection_{side}_neighbor_id"
+            v = tok.get(name, MISSING)
+            if role == "av" and v is MISSING:
+                raise SidecarError(where, f"tokens.{name}", "an integer (the token beside the slot)", MISSING,
+                                   "without it the slot cannot be checked against the live tokenizer")
+            if v is not MISSING and v is not None and not _int(v):
+                raise SidecarError(where, f"tokens.{name}", "an integer", v)
+        suffix = tok.get("critic_suffix_ids", MISSING)
+        if role == "ar" and suffix is MISSING:
+            raise SidecarError(where, "tokens.critic_suffix_ids", "a list of integers (null skips the check)",
+                               MISSING, "without it the AR prompt's tail cannot be checked")
+        suffix = None if suffix is MISSING else suffix
+        if suffix is not None and not (isinstance(suffix, list) and all(_int(i) for i in suffix)):
             raise SidecarError(where, "tokens.critic_suffix_ids", "a list of integers or null", suffix)
         pt = d.get("prompt_templates") or {}
         if not isinstance(pt, dict):
@@ -101,16 +126,19 @@ class NlaMeta:
         av_t = pt.get("av", pt.get("actor"))
         ar_t = pt.get("ar", pt.get("critic"))
         if role == "av" and not (isinstance(av_t, str) and "{injection_char}" in av_t):
-            raise SidecarError(where, "prompt_templates.av", "a template containing {injection_char}", av_t)
+            raise SidecarError(where, "prompt_templates.av", "a template containing {injection_char}",
+                               MISSING if av_t is None else av_t)
         if role == "ar" and not (isinstance(ar_t, str) and "{explanation}" in ar_t):
-            raise SidecarError(where, "prompt_templates.ar", "a template containing {explanation}", ar_t)
+            raise SidecarError(where, "prompt_templates.ar", "a template containing {explanation}",
+                               MISSING if ar_t is None else ar_t)
         critic = d.get("critic") or {}
         if not isinstance(critic, dict):
             raise SidecarError(where, "critic", "a mapping", critic)
         layer = critic.get("extraction_layer_index", critic.get("num_hidden_layers",
                                                                   d.get("extraction_layer_index")))
-        if role == "ar" and not isinstance(layer, int):
-            raise SidecarError(where, "critic.extraction_layer_index", "an integer layer K", layer)
+        if role == "ar" and not _int(layer):
+            raise SidecarError(where, "critic.extraction_layer_index", "an integer layer K",
+                               MISSING if layer is None else layer)
         return cls(role=role, d_model=d_model, injection_scale=inj, mse_scale=mse,
                    injection_char=char, injection_token_id=tid,
                    left_neighbor_id=tok.get("injection_left_neighbor_id"),

@@ -198,6 +198,17 @@ class ResolvedModel:
     gguf_file: str | None = None
 
 
+def _cached_snapshot(repo_id: str) -> str | None:
+    """The local snapshot folder of a hub checkpoint already in the Hugging Face cache (no network)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
 def resolve(spec: str) -> ResolvedModel:
     """Turn a model spec into something `from_pretrained` loads without further conversion."""
     if spec.startswith("pkg:"):
@@ -220,6 +231,9 @@ def resolve(spec: str) -> ResolvedModel:
             raise ModelSourceError(f"{p} is not a Hugging Face model directory (no config.json)")
         return ResolvedModel(spec, str(p), None)
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
-        return ResolvedModel(spec, spec, None)  # a hub id: from_pretrained finds it in the HF cache
+        # A hub id: its snapshot folder when the HF cache holds it, so every consumer (the activation
+        # store's key above all, which hashes the files) sees the files; else the id (from_pretrained
+        # downloads it where it loads).
+        return ResolvedModel(spec, _cached_snapshot(spec) or spec, None)
     raise ModelSourceError(f"model spec {spec!r} is neither pkg:NAME, gguf:PATH, a local directory "
                            "nor a hub id (owner/name)")

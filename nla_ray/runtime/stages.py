@@ -11,6 +11,13 @@ family: `b_vector`, `b_position`); an AV stage reads `<src>vector` and writes `<
 `<out>av_text`, `<out>status`, `<out>n_gen_tokens`; an AR stage reads a text column and a gold vector
 column and writes `recon<suffix>`, `nmse<suffix>`, `cos<suffix>`. Rows whose position is negative (a
 short document's marker, an unaligned position) pass through unscored.
+
+A row a stage cannot process does not stop the run. Every stage's output carries `row_error` ("" when
+the row is fine). When `process` raises on a batch, the batch is retried row by row; a row that still
+raises comes out with `row_error` = "<stage>: <exception>" (an extraction's document as marker rows of
+position -3), and later stages pass it through untouched. Stages also refuse rows on their own
+(a non-finite or all-zero vector, text that is not valid Unicode). The driver keeps such rows apart
+from the finished ones, records and counts them (nla_ray.runtime.pipeline).
 """
 
 from __future__ import annotations
@@ -29,6 +36,23 @@ from nla_ray.config import PoolConfig
 
 SHORT = "short_doc"
 UNALIGNED = -2
+FAILED = -3          # position of the marker rows of a document extraction could not process
+ERROR = "row_error"  # "" when the row is fine, else why a stage could not process it
+# Fault injection for reliability checks (jobs/reliability.py): "<stage name>:<doc id>[,<doc id>...]"
+# makes that stage raise on any batch holding those documents. Unset, it does nothing.
+FAULT_ENV = "NLA_RAY_FAULT_ROWS"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a stage on the documents NLA_RAY_FAULT_ROWS names."""
+
+
+def _fault_docs(stage: str) -> set[str]:
+    spec = os.environ.get(FAULT_ENV, "")
+    name, _, docs = spec.partition(":")
+    return {d for d in docs.split(",") if d} if spec and name == stage else set()
+
+
 # What an extraction row holds; the activation store keeps exactly these.
 EXTRACT_COLUMNS = ["doc_id", "position", "n_raw_tokens", "sample_rank", "positions_in_doc", "layer", "model_id",
                    "token_id", "token", "char_start", "char_end", "prefix_text", "vector", "seed",
@@ -39,7 +63,8 @@ def worker_label() -> str:
     try:
         import ray
 
-        gpus = ray.get_gpu_ids()
+        # outside Ray (stages called directly) get_gpu_ids would start a local Ray instance
+        gpus = ray.get_gpu_ids() if ray.is_initialized() else []
     except Exception:  # not inside Ray (unit tests call stages directly)
         gpus = []
     return f"{socket.gethostname()}:{os.getpid()}" + (f":gpu{','.join(str(g) for g in gpus)}" if gpus else "")
@@ -78,18 +103,92 @@ class Stage:
 
         self.name = name
         torch.set_num_threads(max(1, int(num_cpus)))
+        self._faults = _fault_docs(name)
+
+    def _process(self, batch: dict) -> dict:
+        if self._faults:
+            hit = sorted(self._faults & {str(d) for d in batch["doc_id"]})
+            if hit:
+                raise InjectedFault(f"injected fault ({FAULT_ENV}) on document(s) {hit}")
+        return self.process(batch)
 
     def process(self, batch: dict) -> dict:
         raise NotImplementedError
 
+    def failed_rows(self, rows: dict, message: str) -> dict:
+        """Output rows standing for input `rows` this stage could not process: by default the rows
+        marked with `row_error`, which `process` passes through untouched."""
+        return self.process({**rows, ERROR: np.array([message] * len(rows["doc_id"]), dtype=object)})
+
     def __call__(self, batch: dict) -> dict:
         t0 = time.time()
-        out = self.process(batch)
+        try:
+            out = _with_error(self._process(batch))
+        except Exception as e:  # noqa: BLE001 - isolated row by row below; re-raised if that cannot be done
+            out = self._isolate(batch, e)
         n = len(out["doc_id"])
         out[f"{self.name}_t0"] = np.full(n, t0)
         out[f"{self.name}_t1"] = np.full(n, time.time())
         out[f"{self.name}_worker"] = np.array([worker_label()] * n, dtype=object)
         return out
+
+    def _isolate(self, batch: dict, first: Exception) -> dict:
+        """`process` raised on `batch`: run its rows one at a time; rows that raise alone become
+        failed rows naming the error. Re-raises `first` when no failed row can be formed."""
+        n = len(batch["doc_id"])
+        pieces = []
+        for i in range(n):
+            one = {k: v[i:i + 1] for k, v in batch.items()}
+            try:
+                pieces.append(_with_error(self._process(one)))
+            except Exception as e:  # noqa: BLE001
+                msg = f"{self.name}: {type(e).__name__}: {e}"[:2000]
+                try:
+                    pieces.append(_with_error(self.failed_rows(one, msg)))
+                except Exception:  # noqa: BLE001 - this stage cannot pass a row through: fail as before
+                    raise first from None
+        keys = set(pieces[0])
+        if any(set(p) != keys for p in pieces):
+            raise first
+        return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+
+
+def _with_error(out: dict) -> dict:
+    if ERROR not in out:
+        out[ERROR] = np.array([""] * len(out["doc_id"]), dtype=object)
+    return out
+
+
+def row_ok(batch: dict) -> np.ndarray:
+    """Rows no earlier stage has failed."""
+    err = batch.get(ERROR)
+    n = len(batch["doc_id"])
+    if err is None:
+        return np.ones(n, dtype=bool)
+    return np.array([not (isinstance(e, str) and e) for e in err], dtype=bool)
+
+
+def vector_problem(v: np.ndarray) -> str:
+    """Why a gold/injected vector cannot be used ("" when it can): NaN/Inf values, or no direction."""
+    v = np.asarray(v)
+    bad = int(np.size(v) - np.count_nonzero(np.isfinite(v)))
+    if bad:
+        return f"{bad} non-finite value(s) (NaN/Inf) in the vector"
+    if not np.any(v):
+        return "the vector is all zeros (it has no direction to explain or score)"
+    return ""
+
+
+def text_problem(text) -> str:
+    """Why a document's text cannot be tokenized faithfully ("" when it can)."""
+    if not isinstance(text, str):
+        return f"text is {type(text).__name__}, not str"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"text is not valid Unicode: {e.reason} at character {e.start} "
+                f"({text[e.start:e.end]!r}; bytes decoded with surrogateescape?)")
+    return ""
 
 
 def _columns(rows: list[dict]) -> dict:
@@ -154,7 +253,22 @@ class Extract(Stage):
         row.update(extra)
         return row
 
+    def failed_rows(self, rows: dict, message: str) -> dict:
+        out = [self._marker(d, FAILED, L) for d in rows["doc_id"].tolist() for L in self.layers]
+        cols = _columns(out)
+        cols[ERROR] = np.array([message] * len(out), dtype=object)
+        return cols
+
     def process(self, batch: dict) -> dict:
+        bad = [text_problem(t) for t in batch["text"].tolist()]
+        if any(bad):  # such a document fails on its own; the others go on
+            keep = np.array([not b for b in bad])
+            parts = [self.failed_rows({"doc_id": batch["doc_id"][i:i + 1]}, f"{self.name}: doc {batch['doc_id'][i]}: {b}")
+                     for i, b in enumerate(bad) if b]
+            if keep.any():
+                parts.insert(0, _with_error(self.process({k: v[keep] for k, v in batch.items()})))
+            parts = [_with_error(p) for p in parts]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         ids = batch["doc_id"].tolist()
         texts = batch["text"].tolist()
         rows: list[dict] = []
@@ -171,7 +285,14 @@ class Extract(Stage):
                     rows.extend(self._marker(doc_id, -1, L, status=SHORT) for L in self.layers)
             for r in rows:
                 r.pop("status", None)
-        return _columns(rows)
+        out = _columns(rows)
+        err = np.array([""] * len(rows), dtype=object)
+        for i in np.nonzero(out["position"] >= 0)[0]:
+            why = vector_problem(out["vector"][i])
+            if why:  # e.g. a bf16 overflow: never stored, never explained
+                err[i] = f"{self.name}: doc {out['doc_id'][i]} position {out['position'][i]} layer {out['layer'][i]}: {why}"
+        out[ERROR] = err
+        return out
 
     def _aligned(self, doc_id: str, text: str, anchors: list) -> list[dict]:
         from nla_ray.nla.extract import align_position
@@ -327,7 +448,15 @@ class Verbalize(Stage):
         # "" rather than None: Ray turns None in object columns into NaN between stages.
         expl, raw = np.array([""] * n, dtype=object), np.array([""] * n, dtype=object)
         status, ntok = np.array([SHORT] * n, dtype=object), np.zeros(n, dtype=np.int64)
-        vi = np.nonzero(pos >= 0)[0]
+        ok = row_ok(out)
+        err = np.array(out[ERROR] if ERROR in out else [""] * n, dtype=object)
+        for i in np.nonzero(ok & (pos >= 0))[0]:
+            why = vector_problem(vec[i])
+            if why:
+                err[i], ok[i] = (f"{self.name}: doc {out['doc_id'][i]} position {pos[i]} layer "
+                                 f"{out[f'{self.src}layer'][i]}: {why}"), False
+        out[ERROR] = err
+        vi = np.nonzero(ok & (pos >= 0))[0]
         if len(vi):
             seeds = [sample_seed(self.seed, out["doc_id"][i], int(pos[i]), int(out[f"{self.src}layer"][i]),
                                  int(out["sample_idx"][i])) for i in vi]
@@ -367,11 +496,20 @@ class Reconstruct(Stage):
 
         out = dict(batch)
         n = len(batch["doc_id"])
+        ok = row_ok(batch)
+        err = np.array(batch[ERROR] if ERROR in batch else [""] * n, dtype=object)
+        for _, gold_col, position, _ in self.reads:
+            for i in np.nonzero(ok & (batch[position] >= 0))[0]:
+                why = vector_problem(batch[gold_col][i])
+                if why:
+                    err[i], ok[i] = (f"{self.name}: doc {batch['doc_id'][i]} position {batch[position][i]}: "
+                                     f"gold column {gold_col!r}: {why}"), False
+        out[ERROR] = err
         for text, gold_col, position, suffix in self.reads:
             gold = batch[gold_col]
             recon = np.zeros_like(gold, dtype=np.float32)
             nm, cs = np.full(n, np.nan, dtype=np.float32), np.full(n, np.nan, dtype=np.float32)
-            vi = np.nonzero(batch[position] >= 0)[0]
+            vi = np.nonzero(ok & (batch[position] >= 0))[0]
             if len(vi):
                 texts = batch[text][vi]
                 # the text column's AV outputs sit beside it: '<p>explanation' -> '<p>status', '<p>av_text'

@@ -125,7 +125,7 @@ class ActivationStore:
                      for d in docs if d.doc_id in todo]
             pipeline.run([spec], source=items, parts=self.entry(key),
                          fingerprint=json.loads(json.dumps(asdict(key), default=str)),
-                         per_position=len(key.layers), address=address, log=self.log)
+                         per_position=len(key.layers), address=address, log=self.log, lock=False)
         else:
             self.log(f"[store] {len(ids)} documents of {key.base} layers {key.layers} already stored")
         return key, self.load(key, ids)
