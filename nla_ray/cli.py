@@ -324,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = a.debug = bool(a.debug or os.environ.get("NLA_RAY_DEBUG", "") not in ("", "0"))
     try:
         return a.fn(a)
+    except BrokenPipeError:  # `nla-ray jobs | head`: the reader left; nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:  # noqa: BLE001 - user errors become one line; anything else is re-raised
         if not _is_user_error(e):
             raise
