@@ -802,9 +802,12 @@ def _load(path: Path, job: str) -> tuple[dict | None, str]:
     return s, ""
 
 
-def _presets(spec: Spec, results: Path) -> list[str]:
+def _presets(spec: Spec, results: Path, required: tuple[str, ...] = ()) -> list[str]:
+    """The spec's own presets, then `required` ones (shown as missing with their command when absent),
+    then any other preset the results tree holds for this job."""
+    want = list(dict.fromkeys([*spec.presets, *required]))
     here = sorted(p.parent.name for p in (results / spec.job).glob("*/summary.json"))
-    return list(spec.presets) + [p for p in here if p not in spec.presets]
+    return want + [p for p in here if p not in want]
 
 
 def _cell(row: Row, s: dict, f: dict, results: Path) -> str:
@@ -858,9 +861,9 @@ def _strip(spec: Spec, blocks: list[Block], missing: list[tuple[str, str, str]])
     return " · ".join(ours) or "missing", seed
 
 
-def evaluate(spec: Spec, results: Path) -> Section:
+def evaluate(spec: Spec, results: Path, required: tuple[str, ...] = ()) -> Section:
     blocks, missing = [], []
-    for preset in _presets(spec, results):
+    for preset in _presets(spec, results, required):
         d = results / spec.job / preset
         s, why = _load(d / "summary.json", spec.job)
         if s is None:
@@ -878,8 +881,8 @@ def evaluate(spec: Spec, results: Path) -> Section:
     return Section(spec, status, sentence, blocks, missing, *_strip(spec, blocks, missing))
 
 
-def build(results: Path) -> list[Section]:
-    return [evaluate(spec, results) for spec in SPECS]
+def build(results: Path, required: tuple[str, ...] = ()) -> list[Section]:
+    return [evaluate(spec, results, required) for spec in SPECS]
 
 
 def verdict_line(sections: list[Section]) -> str:
@@ -1042,10 +1045,17 @@ def render_html(sections: list[Section], results: Path) -> str:
 
 def write_report(results: Path | str = REPO / "results", out: Path | str | None = None) -> tuple[Path, Path]:
     """Write ``REPORT.md`` and ``report.html`` for the results tree into ``out`` (default: the results dir)."""
+    md, page, _ = write_report_sections(results, out)
+    return md, page
+
+
+def write_report_sections(results: Path | str = REPO / "results", out: Path | str | None = None,
+                          required: tuple[str, ...] = ()) -> tuple[Path, Path, list[Section]]:
+    """`write_report`, also covering the `required` presets, and handing back the evaluated sections."""
     results = Path(results).resolve()
     out = Path(out).resolve() if out else results
     out.mkdir(parents=True, exist_ok=True)
-    sections = build(results)
+    sections = build(results, required)
     md, page = out / "REPORT.md", out / "report.html"
     text = render_markdown(sections, results, out)
     md.write_text(text, encoding="utf-8")
@@ -1053,7 +1063,7 @@ def write_report(results: Path | str = REPO / "results", out: Path | str | None 
     readme = REPO / "README.md"
     if results == (REPO / "results").resolve() and out == results and readme.is_file():
         update_readme_strip(readme, text)
-    return md, page
+    return md, page, sections
 
 
 STRIP_START, STRIP_END = "<!-- report-strip:start -->", "<!-- report-strip:end -->"

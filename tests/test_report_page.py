@@ -318,11 +318,23 @@ def test_cli_and_job_wrapper(tmp_path):
     fake_tree(results)
     assert cli.main(["report", "--results", str(results), "--out", str(tmp_path / "a")]) == 0
     assert (tmp_path / "a" / "report.html").is_file() and (tmp_path / "a" / "REPORT.md").is_file()
-    r = subprocess.run([sys.executable, str(REPO / "jobs" / "report.py"), "--results", str(results)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, str(REPO / "jobs" / "report.py"), "--results", str(results),
+                        "--out", str(tmp_path / "rec0")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert (results / "REPORT.md").read_text() == (tmp_path / "a" / "REPORT.md").read_text().replace(
         "../results/", "")
+    # The job contract: --preset is a preset the report must cover (shown missing with its command);
+    # arguments that mean nothing to a report are refused, naming why.
+    r = subprocess.run([sys.executable, str(REPO / "jobs" / "report.py"), "--results", str(results),
+                        "--report-dir", str(tmp_path / "b"), "--preset", "paper-qwen7b-L20",
+                        "--out", str(tmp_path / "rec")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "--preset paper-qwen7b-L20" in (tmp_path / "b" / "REPORT.md").read_text()
+    rec = json.loads((tmp_path / "rec" / "summary.json").read_text())
+    assert rec["job"] == "report" and sum(rec["headline"]["verdicts"].values()) == 12
+    r = subprocess.run([sys.executable, str(REPO / "jobs" / "report.py"), "--results", str(results),
+                        "--set", "seed=1", "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--set does not apply to report" in r.stderr
 
 
 def test_readme_strip_is_replaced_between_markers_only(tmp_path):
