@@ -32,7 +32,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,6 +45,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from nla_ray.jobkit import Context, Job, Result, Table, compare_rows, repo_root  # noqa: E402
+from nla_ray.runtime.local_head import free_ports, stop_processes_with  # noqa: E402
 
 FAULTS = ("actor", "driver", "job_stop", "torn_part", "lock", "bad_rows")
 
@@ -472,18 +472,8 @@ class PrivateHead:
                         PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
         self.bin = str(Path(sys.executable).parent / "ray")
 
-    @staticmethod
-    def _ports(n: int) -> list[str]:
-        socks = [socket.socket() for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        ports = [str(s.getsockname()[1]) for s in socks]
-        for s in socks:
-            s.close()
-        return ports
-
     def start(self) -> None:
-        gcs, dash, agent, grpc, renv, metrics = self._ports(6)
+        gcs, dash, agent, grpc, renv, metrics = free_ports(6)
         self.address = f"http://127.0.0.1:{dash}"
         r = subprocess.run([self.bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", gcs,
                             "--dashboard-host", "127.0.0.1", "--dashboard-port", dash, "--num-cpus", "4",
@@ -523,26 +513,7 @@ class PrivateHead:
         return "UNKNOWN"
 
     def stop(self) -> None:
-        import psutil
-
-        mine = []
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if any(str(self.tmp) in a for a in (p.info["cmdline"] or [])):
-                    mine.append(p)
-            except psutil.NoSuchProcess:
-                continue
-        family = {p.pid: p for p in mine}
-        for p in mine:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                family.update({c.pid: c for c in p.children(recursive=True)})
-        for p in family.values():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.terminate()
-        _, alive = psutil.wait_procs(list(family.values()), timeout=20)
-        for p in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
+        stop_processes_with(str(self.tmp))
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

@@ -355,7 +355,6 @@ def build_gemma(out: str | Path, tokenizer=None, *, depth: str = "release", hub_
 
     out = Path(out)
     tok = tokenizer or gemma_tokenizer()
-    rel = RELEASED["gemma"]
     n_layers, layer = DEPTHS[depth]["gemma"]
     # Gemma-3's interleave (five local layers, then a global one; every third in a few-block model so
     # blocks 0..K hold both kinds), at a tiny window so documents and the AV prompt are longer than it,
@@ -383,27 +382,15 @@ def build_gemma(out: str | Path, tokenizer=None, *, depth: str = "release", hub_
                            pad_token_id=tok.pad_token_id, cache_implementation="hybrid", do_sample=True, top_k=64,
                            top_p=0.95)
     state = {k: v for k, v in base.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
-    dirs = _role_dirs("gemma", out, hub_cache)
-    for role, st in (("base", state), ("av", _perturbed(state, 0.02, seed + 1))):
-        save_sharded({_hub_key_gemma(k): v for k, v in st.items()}, dirs[role])
-        _write_config(base.config, dirs[role], ["Gemma3ForConditionalGeneration"])
-        gen.save_pretrained(dirs[role])
     # AR: the text decoder cut to blocks 0..K, as a causal LM (its LM head is tied and never used).
     ar_text = Gemma3TextConfig(**{**text.to_dict(), "num_hidden_layers": layer + 1,
                                   "layer_types": layer_types[: layer + 1]})
     ar_state = {"model." + k[len("model.language_model."):]: v for k, v in state.items()
                 if k.startswith("model.language_model.")
                 and not (k.startswith("model.language_model.layers.") and int(k.split(".")[3]) > layer)}
-    save_sharded(_perturbed(ar_state, 0.02, seed + 2), dirs["ar"])
-    _write_config(ar_text, dirs["ar"], ["Gemma3ForCausalLM"])
-    _tokenizer_files(tok, [dirs["base"], dirs["av"], dirs["ar"]])
-    _write_value_head(dirs["ar"], d, seed + 3)
-    stands = {k: rel[k] for k in ("base", "av", "ar", "layer", "d_model")}
-    for role in ("av", "ar"):
-        _write_sidecar(dirs[role], sidecar_dict(role, tok, d_model=d, layer=layer, injection_scale=scale,
-                                                stands_in_for={**stands, "checkpoint": rel[role]}))
-    return StandIn("gemma", dirs["base"], dirs["av"], dirs["ar"], layer, n_layers, d, scale, dict(rel),
-                   out if hub_cache else None)
+    return _save_pair("gemma", out, hub_cache, tok, state=state, hub_key=_hub_key_gemma, config=base.config,
+                      arch="Gemma3ForConditionalGeneration", gen=gen, ar_state=ar_state, ar_config=ar_text,
+                      ar_arch="Gemma3ForCausalLM", d=d, layer=layer, n_layers=n_layers, scale=scale, seed=seed)
 
 
 def build_qwen(out: str | Path, tokenizer=None, *, depth: str = "release", hub_cache: bool = True,
@@ -413,7 +400,6 @@ def build_qwen(out: str | Path, tokenizer=None, *, depth: str = "release", hub_c
 
     out = Path(out)
     tok = tokenizer or qwen_tokenizer()
-    rel = RELEASED["qwen"]
     n_layers, layer = DEPTHS[depth]["qwen"]
     endoftext, im_end = tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|im_end|>")
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layers,
@@ -427,24 +413,36 @@ def build_qwen(out: str | Path, tokenizer=None, *, depth: str = "release", hub_c
     gen = GenerationConfig(bos_token_id=endoftext, eos_token_id=[im_end, endoftext], pad_token_id=endoftext,
                            do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
     state = dict(base.state_dict())
-    dirs = _role_dirs("qwen", out, hub_cache)
-    for role, st in (("base", state), ("av", _perturbed(state, 0.02, seed + 1))):
-        save_sharded(st, dirs[role])
-        _write_config(base.config, dirs[role], ["Qwen2ForCausalLM"])
-        gen.save_pretrained(dirs[role])
     ar_cfg = Qwen2Config(**{**cfg.to_dict(), "num_hidden_layers": layer + 1, "max_window_layers": layer + 1,
                                    "layer_types": list(cfg.layer_types)[: layer + 1]})
     ar_state = {k: v for k, v in state.items()
                 if not (k.startswith("model.layers.") and int(k.split(".")[2]) > layer)}
+    return _save_pair("qwen", out, hub_cache, tok, state=state, hub_key=lambda k: k, config=base.config,
+                      arch="Qwen2ForCausalLM", gen=gen, ar_state=ar_state, ar_config=ar_cfg,
+                      ar_arch="Qwen2ForCausalLM", d=d, layer=layer, n_layers=n_layers, scale=scale, seed=seed)
+
+
+def _save_pair(family: str, out: Path, hub_cache: bool, tok, *, state: dict, hub_key, config, arch: str, gen,
+               ar_state: dict, ar_config, ar_arch: str, d: int, layer: int, n_layers: int, scale: float,
+               seed: int) -> StandIn:
+    """Write a family's base, AV (the base perturbed, as fine-tuning would) and AR (cut to blocks
+    0..K, perturbed) in the released layout: sharded safetensors under the hub's key names, configs,
+    generation config, tokenizer files, the AR's value head and both sidecars."""
+    rel = RELEASED[family]
+    dirs = _role_dirs(family, out, hub_cache)
+    for role, st in (("base", state), ("av", _perturbed(state, 0.02, seed + 1))):
+        save_sharded({hub_key(k): v for k, v in st.items()}, dirs[role])
+        _write_config(config, dirs[role], [arch])
+        gen.save_pretrained(dirs[role])
     save_sharded(_perturbed(ar_state, 0.02, seed + 2), dirs["ar"])
-    _write_config(ar_cfg, dirs["ar"], ["Qwen2ForCausalLM"])
+    _write_config(ar_config, dirs["ar"], [ar_arch])
     _tokenizer_files(tok, [dirs["base"], dirs["av"], dirs["ar"]])
     _write_value_head(dirs["ar"], d, seed + 3)
     stands = {k: rel[k] for k in ("base", "av", "ar", "layer", "d_model")}
     for role in ("av", "ar"):
         _write_sidecar(dirs[role], sidecar_dict(role, tok, d_model=d, layer=layer, injection_scale=scale,
                                                 stands_in_for={**stands, "checkpoint": rel[role]}))
-    return StandIn("qwen", dirs["base"], dirs["av"], dirs["ar"], layer, n_layers, d, scale, dict(rel),
+    return StandIn(family, dirs["base"], dirs["av"], dirs["ar"], layer, n_layers, d, scale, dict(rel),
                    out if hub_cache else None)
 
 

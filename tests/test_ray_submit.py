@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+from nla_ray.runtime.local_head import free_ports, stop_processes_with  # noqa: E402
+
 pytestmark = [pytest.mark.ray, pytest.mark.integration]
 
 
@@ -20,38 +21,10 @@ def _ray_bin() -> str:
     return str(Path(sys.executable).parent / "ray")
 
 
-def _free_ports(n: int) -> list[str]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [str(s.getsockname()[1]) for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _stop_head(session: str, port: str) -> None:
     """Stop only the head this test started. `ray stop` would kill every Ray process on the machine,
     including a user's own cluster or job running beside the tests."""
-    import psutil
-
-    ours = [p for p in psutil.process_iter(["cmdline"]) if any(session in a for a in (p.info["cmdline"] or []))]
-    family = {p.pid: p for p in ours}
-    for p in ours:
-        try:
-            family.update({c.pid: c for c in p.children(recursive=True)})
-        except psutil.NoSuchProcess:
-            pass
-    for p in family.values():
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(list(family.values()), timeout=20)
-    for p in alive:
-        p.kill()
+    stop_processes_with(session)
     # `ray stop` also forgets the head; without this, a later ray.init() would try to join it.
     current = Path("/tmp/ray/ray_current_cluster")
     if current.is_file() and current.read_text().strip().endswith(f":{port}"):  # Ray writes the host's IP
@@ -67,7 +40,7 @@ def ray_head(tmp_path):
     port, dash = "6391", "8273"
     # The agents' default ports are fixed (52365, ...): another Ray instance on this machine (a job
     # running beside the tests) holds them and this head's job agent never comes up. Free ones instead.
-    agent, grpc, renv, metrics = _free_ports(4)
+    agent, grpc, renv, metrics = free_ports(4)
     start = [_ray_bin(), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", port,
              "--dashboard-host", "127.0.0.1", "--dashboard-port", dash, "--num-cpus", "6",
              "--dashboard-agent-listen-port", agent, "--dashboard-agent-grpc-port", grpc,
