@@ -44,6 +44,12 @@ def _args(p) -> None:
     p.add_argument("--new-tokens", type=int, help="AV tokens per explanation (default: the preset's budget)")
     p.add_argument("--temperature", type=float, help="AV temperature (default: the preset's)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement (median reported)")
+    p.add_argument("--hf-reps", type=int, help="repetitions of the HF generate baseline (default: --reps); it is "
+                                               "CPU-bound and noisy, so more reps narrow the speedup's range")
+    p.add_argument("--sample-temperature", type=float,
+                   help="also time the fast backends sampling at this temperature (per-row seeds), e.g. 1.0")
+    p.add_argument("--profile", action="store_true",
+                   help="GPU: a kernel-time breakdown of one fused generate at the largest batch")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--kv-bucket", type=int, default=64, help="fast decode: key-length bucket per graph (0 = one)")
     p.add_argument("--budget-s", type=float, help="start no measurement after this many seconds")
@@ -88,7 +94,8 @@ def run(ctx: Context) -> Result:
                             batches=a.batch_sizes,
                             temperature=a.temperature if a.temperature is not None else
                             (ctx.cfg.av.temperature if own else None),
-                            kv_bucket=a.kv_bucket, budget_s=a.budget_s, fresh=a.fresh)
+                            kv_bucket=a.kv_bucket, budget_s=a.budget_s, fresh=a.fresh, hf_reps=a.hf_reps,
+                            sample_temperature=a.sample_temperature, profile=a.profile)
     ctx.log((ctx.out / "table.md").read_text())
     status = {n: summary["models"][n]["status"] for n in models}
     failed = [n for n, s in status.items() if s != "ok"]

@@ -243,3 +243,52 @@ def test_fused_failure_falls_back_to_the_plain_fast_path(engine):
     assert dec.fuse is None and "no_such_backend" in dec.fuse_error
     norms = [m for m in engine.model.modules() if type(m).__name__.endswith("RMSNorm")]
     assert all("forward" not in m.__dict__ for m in norms)
+
+
+def _varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqused):
+    """FlashAttention-2's variable-length contract in plain torch (float64): sequence i has queries
+    cu_q[i]:cu_q[i+1], keys cu_k[i]:cu_k[i] + seqused[i]; every query sees every used key."""
+    out = torch.empty_like(q)
+    hd = q.shape[-1]
+    for i in range(len(cu_q) - 1):
+        qi = q[int(cu_q[i]): int(cu_q[i + 1])].double().transpose(0, 1)  # [H, rows, hd]
+        lo = int(cu_k[i])
+        ki = k[lo: lo + int(seqused[i])].double().transpose(0, 1)
+        vi = v[lo: lo + int(seqused[i])].double().transpose(0, 1)
+        att = torch.softmax(qi @ ki.transpose(1, 2) * (scale if scale is not None else hd ** -0.5), dim=-1)
+        out[int(cu_q[i]): int(cu_q[i + 1])] = (att @ vi).transpose(0, 1).to(q.dtype)
+    return out
+
+
+def test_flash_decode_layout_matches_the_masked_step(engine, monkeypatch):
+    """The flash decode step regroups query heads onto their KV head and reads the [B, S, Hkv, hd]
+    cache storage as one variable-length batch. The kernel needs a GPU; here a float64 reference of
+    its contract stands in for it, so what is checked is the regrouping, the offsets and `seqused`:
+    greedy tokens must equal the masked SDPA step's (both fp32, eager)."""
+    from nla_ray.nla import fast_decode as fd
+
+    emb = _emb(engine, 5, seed=31)
+    plain = FastDecoder(engine.model, stop_ids=(), kv_bucket=8, attn="sdpa").generate(emb, max_new=MAX_NEW)
+    calls = []
+
+    def ref(*a):
+        calls.append(1)
+        return _varlen_reference(*a)
+
+    monkeypatch.setattr(fd, "_varlen_flash", ref)
+    monkeypatch.setattr(fd, "flash_decode_status", lambda *a, **k: None)
+    dec = FastDecoder(engine.model, stop_ids=(), kv_bucket=8, attn="flash")
+    got = dec.generate(emb, max_new=MAX_NEW)
+    assert dec.last["flash"] and calls
+    assert torch.equal(got, plain)
+
+
+def test_flash_refused_where_it_cannot_run(engine):
+    emb = _emb(engine, 2, seed=3)
+    with pytest.raises(ValueError, match="attn='flash' cannot run here: not a CUDA device"):
+        FastDecoder(engine.model, attn="flash").generate(emb, max_new=3)
+    with pytest.raises(ValueError, match="attn 'x' not in"):
+        FastDecoder(engine.model, attn="x")
+    dec = FastDecoder(engine.model)  # auto: the masked step, with the reason kept
+    dec.generate(emb, max_new=3)
+    assert dec.last["flash"] is False and "CUDA" in dec.last["flash_why_not"]

@@ -66,6 +66,8 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     b, h, q_len, hd = query.shape
     kv_heads = key.shape[1]
     group = h // kv_heads
+    if q_len == 1 and sess.flash and (window is None or window >= sess.max_len):
+        return _flash_decode(sess, query, key, value, scaling), None
     if q_len == 1:
         n = sess.kv_len
         k, v = key[:, :, :n], value[:, :, :n]
@@ -90,6 +92,81 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
             out = F.scaled_dot_product_attention(query, k, v, attn_mask=sess.prefill_mask(q_len, window, off),
                                                  scale=scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _flash_decode(sess: "_Session", query, key, value, scaling) -> torch.Tensor:
+    """One decode step of attention with FlashAttention-2's variable-length kernel: [B, 1, H, hd].
+
+    Two things the masked SDPA step cannot do: read each row's keys only up to the current position
+    (`seqused_k`, a device tensor advanced in-graph, so one graph serves every step and no bucket
+    of empty cache is streamed), and read each KV head once for all the query heads that share it.
+    The second is the grouped-query trick of the FlashAttention decode path: the `group` query heads
+    of one KV head become `group` query rows of a sequence whose only head is that KV head, so the
+    kernel streams the cache once per KV head rather than once per query head (Qwen2.5-7B: 7x less).
+    Every query row sees every key up to the position, so no causal mask is needed."""
+    b, h, _, hd = query.shape
+    kv_heads = key.shape[1]
+    group = h // kv_heads
+    # [B, H, 1, hd] -> rows (b, g) x heads kv: query head kv * group + g reads KV head kv.
+    q = query.view(b, kv_heads, group, hd).transpose(1, 2).reshape(b * group, kv_heads, hd)
+    # The cache's storage is [B, S, Hkv, hd] (see _PinnedLayerMixin): `key` is its transposed view.
+    k = key.transpose(1, 2).reshape(b * sess.max_len, kv_heads, hd)
+    v = value.transpose(1, 2).reshape(b * sess.max_len, kv_heads, hd)
+    cu_q, cu_k = sess.flash_offsets(group)
+    out = _varlen_flash(q, k, v, cu_q, cu_k, group, sess.max_len, scaling, sess.seqused)
+    return out.view(b, group, kv_heads, hd).transpose(1, 2).reshape(b, 1, h, hd)
+
+
+def _varlen_flash(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale, seqused) -> torch.Tensor:
+    """FlashAttention-2, variable-length form, no causal mask (a module-level seam: the CPU tests
+    put a plain-torch reference of the same contract here)."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False,
+                                                   scale=scale, seqused_k=seqused)[0]
+
+
+def flash_decode_status(device, dtype, head_dim: int, softcap=None) -> str | None:
+    """None when the flash decode step can run here, else the reason it cannot (then the masked
+    SDPA step runs). A tiny call is made and compared with SDPA, so a kernel missing from this
+    build, or one that disagrees, is found before any graph is captured."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return "not a CUDA device"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"FlashAttention needs bf16/fp16, the model runs {str(dtype).replace('torch.', '')}"
+    if head_dim % 8 or head_dim > 256:
+        return f"head_dim {head_dim} not supported by FlashAttention-2"
+    if softcap is not None:
+        return "attention-logit softcapping"
+    if torch.cuda.get_device_capability(dev) < (8, 0):
+        return "GPU older than sm80"
+    if not hasattr(torch.ops.aten, "_flash_attention_forward"):
+        return "this torch has no _flash_attention_forward"
+    try:
+        g = torch.Generator(device=dev).manual_seed(0)
+        b, kvh, group, s_max, used = 3, 2, 2, 40, 17
+        q = torch.randn(b, kvh * group, 1, head_dim, device=dev, dtype=dtype, generator=g)
+        kb = torch.randn(b, s_max, kvh, head_dim, device=dev, dtype=dtype, generator=g)
+        vb = torch.randn(b, s_max, kvh, head_dim, device=dev, dtype=dtype, generator=g)
+
+        class _S:  # the session fields _flash_decode reads
+            max_len = s_max
+            seqused = torch.full((b,), used, dtype=torch.int32, device=dev)
+
+            @staticmethod
+            def flash_offsets(grp):
+                ar = torch.arange(b + 1, dtype=torch.int32, device=dev)
+                return ar * grp, ar * s_max
+
+        got = _flash_decode(_S, q, kb.transpose(1, 2), vb.transpose(1, 2), None)
+        k = kb.transpose(1, 2)[:, :, :used].repeat_interleave(group, dim=1)
+        v = vb.transpose(1, 2)[:, :, :used].repeat_interleave(group, dim=1)
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).transpose(1, 2)
+        err = float((got.float() - ref).abs().max())
+        if not err < 2e-2:
+            return f"flash decode disagrees with SDPA on a self-test (max abs error {err:.3g})"
+    except Exception as e:  # noqa: BLE001 - any failure means: use the masked SDPA step
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return None
 
 
 _REGISTERED = False
@@ -210,8 +287,11 @@ class _PinnedLayerMixin:
 
     def _setup(self, sess: "_Session", batch: int, kv_heads: int, head_dim: int, dtype, device):
         self.sess = sess
-        self.keys = torch.zeros(batch, kv_heads, sess.max_len, head_dim, dtype=dtype, device=device)
-        self.values = torch.zeros_like(self.keys)
+        # Stored [B, S, Hkv, hd] (what FlashAttention's variable-length kernel reads as [B*S, Hkv,
+        # hd]); `keys`/`values` are [B, Hkv, S, hd] views of it, the layout transformers expects.
+        self.keys = torch.zeros(batch, sess.max_len, kv_heads, head_dim, dtype=dtype, device=device).transpose(1, 2)
+        self.values = torch.zeros(batch, sess.max_len, kv_heads, head_dim, dtype=dtype,
+                                  device=device).transpose(1, 2)
         self.dtype, self.device = dtype, device
         self.batch_size, self.num_heads, self.k_head_dim = batch, kv_heads, head_dim
         self.v_head_dim = head_dim
@@ -304,9 +384,47 @@ def kv_buckets(prompt_len: int, max_new: int, bucket: int) -> list[int]:
     return sorted(set(min(x, max_len) for x in out))
 
 
+def _text_config(model):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _windows(cfg) -> list[int | None]:
+    """Each layer's sliding window (None: full attention), from the config's layer types."""
+    n = cfg.num_hidden_layers
+    win = getattr(cfg, "sliding_window", None)
+    if win is None or getattr(cfg, "use_sliding_window", True) is False:
+        return [None] * n
+    types = getattr(cfg, "layer_types", None) or ["sliding_attention"] * n
+    return [win if t == "sliding_attention" else None for t in types]
+
+
+ATTN_CHOICES = ("auto", "flash", "sdpa")
+
+
+def _pick(logits, banned, seeds, step, done, stop, temperature: float, has_banned: bool):
+    """The next token of every row (and the rows done after it): greedy argmax, or the Gumbel-max
+    sample with per-row noise. A pure function so `fuse` can compile it into a few kernels: eager, the
+    noise hash over [B, vocab] int64 lanes is ~30 full-size kernels per step."""
+    lg = logits.float()
+    if has_banned:
+        lg = lg.masked_fill(banned, float("-inf"))
+    if temperature > 0:
+        nxt = torch.argmax(lg / temperature + gumbel_noise(seeds, step, lg.shape[-1]), dim=-1)
+    else:
+        nxt = torch.argmax(lg, dim=-1)
+    if stop is not None:
+        nxt = torch.where(done, stop[0], nxt)
+        # isin may sort and size its output on the host for larger inputs; a broadcast compare never
+        # leaves the device, so it is safe inside a captured graph.
+        done = done | (nxt[:, None] == stop[None, :]).any(dim=1)
+    return nxt, done
+
+
 class _Session:
     def __init__(self, model, *, batch: int, prompt_len: int, max_new: int, temperature: float,
-                 banned: bool, stop_ids: Sequence[int], vocab: int, device, kv_bucket: int):
+                 banned: bool, stop_ids: Sequence[int], vocab: int, device, kv_bucket: int,
+                 attn: str = "auto", fuse: str | None = None):
         self.model = model
         self.batch, self.prompt_len, self.max_new = batch, prompt_len, max_new
         self.max_len = prompt_len + max_new
@@ -325,7 +443,22 @@ class _Session:
         self.seeds = torch.zeros(batch, dtype=torch.int64, device=dev)
         self.banned = torch.zeros(vocab, dtype=torch.bool, device=dev)
         self.stop = torch.tensor(list(stop_ids), dtype=torch.long, device=dev) if stop_ids else None
-        self.buckets = kv_buckets(prompt_len, max_new, kv_bucket)
+        cfg = _text_config(model)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if attn not in ATTN_CHOICES:
+            raise ValueError(f"attn {attn!r} not in {ATTN_CHOICES}")
+        why = "attn='sdpa' asked for" if attn == "sdpa" else \
+            flash_decode_status(dev, self.dtype, head_dim, getattr(cfg, "attn_logit_softcapping", None))
+        if attn == "flash" and why:
+            raise ValueError(f"attn='flash' cannot run here: {why}")
+        self.flash, self.flash_why_not = why is None, why
+        self.seqused = torch.zeros(batch, dtype=torch.int32, device=dev)  # keys each row attends (flash)
+        self._offsets: dict = {}
+        # Layers the flash step serves need no key-length buckets: it reads up to the position itself.
+        # Sliding layers whose window the decode can outgrow keep the masked step, and the buckets.
+        all_flash = self.flash and all(w is None or w >= self.max_len for w in _windows(cfg))
+        self.buckets = kv_buckets(prompt_len, max_new, 0 if all_flash else kv_bucket)
+        self.fuse = fuse
         self.kv_len = self.max_len
         self._masks: dict = {}
         self.broadcast = False   # prefill of a shared prefix at batch 1: write it to every row
@@ -358,6 +491,15 @@ class _Session:
             m = m & (d < window)
         return m.view(1, 1, q_len, offset + q_len)
 
+    def flash_offsets(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cumulative query and key offsets of the flash step: `group` query rows and a max_len
+        stretch of cache per batch row (made on the first, uncaptured, step; reused in graphs)."""
+        got = self._offsets.get(group)
+        if got is None:
+            ar = torch.arange(self.batch + 1, dtype=torch.int32, device=self.device)
+            got = self._offsets[group] = (ar * group, ar * self.max_len)
+        return got
+
     def bucket_for(self, step: int) -> int:
         need = self.prompt_len + step + 1
         return next(b for b in self.buckets if b >= need)
@@ -365,18 +507,11 @@ class _Session:
     # the step ------------------------------------------------------------------------------
     def sample(self) -> None:
         """Pick token `step` for every row from `logits`; record it; feed it next."""
-        lg = self.logits.float()
-        if self.has_banned:
-            lg = lg.masked_fill(self.banned, float("-inf"))
-        if self.temperature > 0:
-            nxt = torch.argmax(lg / self.temperature + gumbel_noise(self.seeds, self.step, lg.shape[-1]), dim=-1)
-        else:
-            nxt = torch.argmax(lg, dim=-1)
+        pick = _compiled(_pick, self.fuse) if self.fuse else _pick
+        nxt, done = pick(self.logits, self.banned, self.seeds, self.step, self.done, self.stop,
+                         self.temperature, self.has_banned)
         if self.stop is not None:
-            nxt = torch.where(self.done, self.stop[0], nxt)
-            # isin may sort and size its output on the host for larger inputs; a broadcast
-            # compare never leaves the device, so it is safe inside a captured graph.
-            self.done |= (nxt[:, None] == self.stop[None, :]).any(dim=1)
+            self.done.copy_(done)
         self.out.index_copy_(1, self.step.view(1), nxt.view(-1, 1))
         self.tok.copy_(nxt.view(-1, 1))
 
@@ -385,6 +520,8 @@ class _Session:
         self.kv_len = kv_len
         self._masks = {}
         self.pos.copy_(self.step + self.prompt_len)
+        if self.flash:
+            self.seqused.copy_(self.pos + 1)  # keys 0..pos, every row (broadcast, cast to int32)
         out = self.model(input_ids=self.tok, position_ids=self.pos.view(1, 1), past_key_values=self.cache,
                          use_cache=True)
         self.logits.copy_(out.logits[:, -1])
@@ -473,7 +610,7 @@ class FastDecoder:
 
     def __init__(self, model, *, stop_ids: Sequence[int] = (), graphs: bool | None = None,
                  kv_bucket: int = 64, check_every: int = 8, share_prefix: bool = True,
-                 fuse: str | bool | None = None):
+                 fuse: str | bool | None = None, attn: str = "auto"):
         if check_every < 1:
             raise ValueError("check_every must be >= 1")
         self.model = model
@@ -490,6 +627,11 @@ class FastDecoder:
         # (tests use "aot_eager", which needs no compiler); None/False = plain eager kernels.
         self.fuse = ("inductor" if fuse is True else fuse) or None
         self.fuse_error: str | None = None
+        # attn: "auto" = the flash decode step where it can run (CUDA, bf16/fp16), else masked SDPA;
+        # "flash" insists (an error says why it cannot run); "sdpa" = always the masked step.
+        if attn not in ATTN_CHOICES:
+            raise ValueError(f"attn {attn!r} not in {ATTN_CHOICES}")
+        self.attn = attn
         self.session: _Session | None = None
         self.last: dict = {}
 
@@ -505,7 +647,7 @@ class FastDecoder:
         self.session = None  # free the old buffers before allocating new ones
         s = _Session(self.model, batch=batch, prompt_len=prompt_len, max_new=max_new, temperature=temperature,
                      banned=banned, stop_ids=self.stop_ids, vocab=self.vocab, device=self.device,
-                     kv_bucket=self.kv_bucket)
+                     kv_bucket=self.kv_bucket, attn=self.attn, fuse=self.fuse)
         if self.graphs:
             with _switched(self.model, s), _fused(self.model, self.fuse):
                 s.capture()
@@ -536,12 +678,14 @@ class FastDecoder:
     def _generate(self, emb: torch.Tensor, *, temperature: float = 0.0, seeds: Sequence[int] | None = None,
                   banned_ids: Sequence[int] | None = None, max_new: int,
                   on_check: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
-                  timing: bool = False) -> torch.Tensor:
+                  timing: bool = False, record_logits: list | None = None) -> torch.Tensor:
         """[B, T, d] prompt embeddings -> [B, n_steps] token ids (device tensor).
 
         `on_check(tokens[B, s+1], done[B])` runs at every check point and may return extra rows
         to mark done. With no stop ids and no `on_check` the decode is fixed-length (benchmarks).
-        With `timing`, `self.last` gets prefill / decode seconds (device-synchronised)."""
+        With `timing`, `self.last` gets prefill / decode seconds (device-synchronised). With
+        `record_logits` (a list), the logits each token was picked from are appended to it, one
+        [B, vocab] copy per step (correctness checks; it costs a copy per step)."""
         if emb.ndim != 3:
             raise ValueError(f"prompt embeddings must be [batch, length, d], got {tuple(emb.shape)}")
         if max_new < 1:
@@ -565,6 +709,8 @@ class FastDecoder:
                 clock.mark("prefill")
             n_steps = max_new
             for s in range(max_new):
+                if record_logits is not None:
+                    record_logits.append(sess.logits.clone())
                 if s == max_new - 1:
                     sess.sample()  # the last token needs no forward pass
                 else:
@@ -581,7 +727,7 @@ class FastDecoder:
                 clock.mark("decode")
         toks = sess.out[:, :n_steps].clone()  # the buffer is overwritten by the next call
         self.last = {"n_steps": n_steps, "graphs": bool(sess.graphs), "graph_error": sess.graph_error,
-                     "shared_prefix": sess.prefix_len,
+                     "shared_prefix": sess.prefix_len, "flash": sess.flash, "flash_why_not": sess.flash_why_not,
                      "capture_s": sess.capture_s, "buckets": list(sess.buckets)}
         if clock:
             self.last.update(clock.seconds())
