@@ -602,8 +602,11 @@ def bench_av_fast(model, emb, *, new: int, temperature: float, device, reps: int
     out = {"status": "ok", **st, **info, "prefill_s": prefill, "decode_s": decode,
            "decode_s_per_token": decode / new, "peak_bytes": _peak(device)}
     if profile and device.type == "cuda":
-        out["profile"] = profile_generate(lambda: dec.generate(emb, temperature=temperature, seeds=seeds,
-                                                               max_new=new), steps=new)
+        try:
+            out["profile"] = profile_generate(lambda: dec.generate(emb, temperature=temperature, seeds=seeds,
+                                                                   max_new=new), steps=new)
+        except Exception as e:  # noqa: BLE001 - a profiler failure must not lose the timing above
+            out["profile_error"] = f"{type(e).__name__}: {e}"[:300]
     dec.release()
     return out
 
