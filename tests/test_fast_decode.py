@@ -292,3 +292,46 @@ def test_flash_refused_where_it_cannot_run(engine):
     dec = FastDecoder(engine.model)  # auto: the masked step, with the reason kept
     dec.generate(emb, max_new=3)
     assert dec.last["flash"] is False and "CUDA" in dec.last["flash_why_not"]
+
+
+_TRITON_SNIPPET = """
+import torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+from nla_ray.nla import decode_kernel, fast_decode as fd
+from nla_ray.nla.fast_decode import FastDecoder
+torch.manual_seed(0)
+models = [LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=128)).eval(),
+          Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=128, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=6, num_key_value_heads=2, head_dim=16,
+                                             query_pre_attn_scalar=16, sliding_window=8,
+                                             layer_types=["sliding_attention", "full_attention"])).eval()]
+for model in models:
+    emb = torch.randn(3, 12, model.config.hidden_size)
+    plain = FastDecoder(model, stop_ids=(), kv_bucket=8, attn="sdpa").generate(emb, max_new=9)
+    for splits in (1, 3):
+        decode_kernel.splits_for = lambda *a, n=splits: n
+        dec = FastDecoder(model, stop_ids=(), kv_bucket=8, attn="triton")
+        got = dec.generate(emb, max_new=9)
+        assert dec.last["attn"] == "triton" and dec.session.splits == splits
+        assert torch.equal(got, plain), (type(model).__name__, splits, got, plain)
+assert fd.triton_decode_status("cpu", torch.float32, 24) == "head_dim 24 is not a power of two >= 16"
+print("TRITON-OK")
+"""
+
+
+def test_triton_decode_kernel_matches_the_masked_step():
+    """The Triton decode kernel (nla_ray/nla/decode_kernel.py) runs on a CPU only in Triton's
+    interpreter, and only for fp32 (its bf16 dot is wrong: bf16 is checked on the GPU by the
+    kernel's self-test and the bench's logits check). The interpreter must be chosen before Triton
+    is first imported, and torch imports it early, so this runs in a fresh process. Greedy tokens
+    must equal the masked SDPA step's, with one pass and with the keys split across programs, on a
+    Llama and on a Gemma-3 whose window (8) is shorter than the prompt (the kernel's lower bound),
+    with 3 query heads per KV head."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", _TRITON_SNIPPET], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "TRITON-OK" in r.stdout, r.stderr[-3000:]

@@ -66,6 +66,11 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     b, h, q_len, hd = query.shape
     kv_heads = key.shape[1]
     group = h // kv_heads
+    if q_len == 1 and sess.kernel == "triton":
+        from nla_ray.nla.decode_kernel import decode_attention
+
+        win = window if window is not None and window < sess.max_len else None
+        return decode_attention(query, key, value, sess.seqused, scaling, win, sess.splits), None
     if q_len == 1 and sess.flash and (window is None or window >= sess.max_len):
         return _flash_decode(sess, query, key, value, scaling), None
     if q_len == 1:
@@ -167,6 +172,54 @@ def flash_decode_status(device, dtype, head_dim: int, softcap=None) -> str | Non
     except Exception as e:  # noqa: BLE001 - any failure means: use the masked SDPA step
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     return None
+
+
+def triton_decode_status(device, dtype, head_dim: int, softcap=None) -> str | None:
+    """None when the Triton decode kernel can run here, else why not. Like the flash check, a
+    small call (both the one-pass and the split form, a window too) is compared with SDPA first."""
+    import os
+
+    dev = torch.device(device)
+    if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "not a CUDA device"
+    if softcap is not None:
+        return "attention-logit softcapping"
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        return f"head_dim {head_dim} is not a power of two >= 16"
+    try:
+        from nla_ray.nla.decode_kernel import decode_attention
+    except Exception as e:  # noqa: BLE001 - no Triton: another step runs
+        return f"Triton unavailable ({type(e).__name__}: {e})"[:200]
+    try:
+        g = torch.Generator(device=dev).manual_seed(0)
+        b, kvh, group, s_max = 3, 2, 3, 80
+        q = torch.randn(b, kvh * group, 1, head_dim, device=dev, dtype=dtype, generator=g)
+        kb = torch.randn(b, s_max, kvh, head_dim, device=dev, dtype=dtype, generator=g)
+        vb = torch.randn(b, s_max, kvh, head_dim, device=dev, dtype=dtype, generator=g)
+        used = torch.tensor([1, 37, 80], dtype=torch.int32, device=dev)
+        for window, splits in ((None, 1), (None, 3), (20, 2)):
+            got = decode_attention(q, kb.transpose(1, 2), vb.transpose(1, 2), used, None, window, splits)
+            err = float((got.float() - _reference_decode(q, kb, vb, used, window)).abs().max())
+            tol = 1e-4 if dtype == torch.float32 else 3e-2
+            if not err < tol:
+                return f"Triton decode disagrees with SDPA on a self-test (max abs error {err:.3g})"
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return None
+
+
+def _reference_decode(q, kb, vb, used, window) -> torch.Tensor:
+    """Plain-torch decode attention in fp32: [B, H, 1, D] queries, [B, S, Hkv, D] caches -> [B, 1, H, D]."""
+    b, h, _, d = q.shape
+    group = h // kb.shape[2]
+    out = []
+    for i in range(b):
+        n = int(used[i])
+        lo = max(0, n - window) if window else 0
+        k = kb[i, lo:n].float().transpose(0, 1).repeat_interleave(group, 0)  # [H, n, D]
+        v = vb[i, lo:n].float().transpose(0, 1).repeat_interleave(group, 0)
+        out.append(F.scaled_dot_product_attention(q[i].float(), k, v).transpose(0, 1))
+    return torch.stack(out)
 
 
 _REGISTERED = False
@@ -399,7 +452,9 @@ def _windows(cfg) -> list[int | None]:
     return [win if t == "sliding_attention" else None for t in types]
 
 
-ATTN_CHOICES = ("auto", "flash", "sdpa")
+# The decode step's attention: "triton" (nla_ray.nla.decode_kernel), "flash" (FlashAttention-2's
+# varlen kernel), "sdpa" (masked SDPA over a key-length bucket); "auto" takes the first that runs.
+ATTN_CHOICES = ("auto", "triton", "flash", "sdpa")
 
 
 def _pick(logits, banned, seeds, step, done, stop, temperature: float, has_banned: bool):
@@ -447,17 +502,33 @@ class _Session:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         if attn not in ATTN_CHOICES:
             raise ValueError(f"attn {attn!r} not in {ATTN_CHOICES}")
-        why = "attn='sdpa' asked for" if attn == "sdpa" else \
-            flash_decode_status(dev, self.dtype, head_dim, getattr(cfg, "attn_logit_softcapping", None))
-        if attn == "flash" and why:
-            raise ValueError(f"attn='flash' cannot run here: {why}")
-        self.flash, self.flash_why_not = why is None, why
-        self.seqused = torch.zeros(batch, dtype=torch.int32, device=dev)  # keys each row attends (flash)
+        softcap = getattr(cfg, "attn_logit_softcapping", None)
+        why_not = {}
+        self.kernel = "sdpa"
+        for name, status in (("triton", triton_decode_status), ("flash", flash_decode_status)):
+            if attn in ("auto", name):
+                why_not[name] = status(dev, self.dtype, head_dim, softcap)
+                if why_not[name] is None:
+                    self.kernel = name
+                    break
+                if attn == name:
+                    raise ValueError(f"attn={name!r} cannot run here: {why_not[name]}")
+        self.flash = self.kernel == "flash"
+        self.why_not = why_not  # each faster kernel tried and why it could not run
+        self.flash_why_not = why_not.get("flash") if not self.flash else None
+        self.seqused = torch.zeros(batch, dtype=torch.int32, device=dev)  # keys each row attends
         self._offsets: dict = {}
-        # Layers the flash step serves need no key-length buckets: it reads up to the position itself.
-        # Sliding layers whose window the decode can outgrow keep the masked step, and the buckets.
-        all_flash = self.flash and all(w is None or w >= self.max_len for w in _windows(cfg))
-        self.buckets = kv_buckets(prompt_len, max_new, 0 if all_flash else kv_bucket)
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.splits = 1
+        if self.kernel == "triton":
+            from nla_ray.nla.decode_kernel import splits_for
+
+            self.splits = splits_for(batch, kv_heads, self.max_len, 64, dev)
+        # Layers the triton/flash steps serve need no key-length buckets: they read up to the position
+        # themselves. Under flash, sliding layers the decode can outgrow keep the masked step (and buckets).
+        one_graph = self.kernel == "triton" or (
+            self.flash and all(w is None or w >= self.max_len for w in _windows(cfg)))
+        self.buckets = kv_buckets(prompt_len, max_new, 0 if one_graph else kv_bucket)
         self.fuse = fuse
         self.kv_len = self.max_len
         self._masks: dict = {}
@@ -520,7 +591,7 @@ class _Session:
         self.kv_len = kv_len
         self._masks = {}
         self.pos.copy_(self.step + self.prompt_len)
-        if self.flash:
+        if self.kernel != "sdpa":
             self.seqused.copy_(self.pos + 1)  # keys 0..pos, every row (broadcast, cast to int32)
         out = self.model(input_ids=self.tok, position_ids=self.pos.view(1, 1), past_key_values=self.cache,
                          use_cache=True)
@@ -727,7 +798,8 @@ class FastDecoder:
                 clock.mark("decode")
         toks = sess.out[:, :n_steps].clone()  # the buffer is overwritten by the next call
         self.last = {"n_steps": n_steps, "graphs": bool(sess.graphs), "graph_error": sess.graph_error,
-                     "shared_prefix": sess.prefix_len, "flash": sess.flash, "flash_why_not": sess.flash_why_not,
+                     "shared_prefix": sess.prefix_len, "attn": sess.kernel, "flash": sess.flash, "flash_why_not": sess.flash_why_not,
+                     "attn_why_not": sess.why_not,
                      "capture_s": sess.capture_s, "buckets": list(sess.buckets)}
         if clock:
             self.last.update(clock.seconds())
