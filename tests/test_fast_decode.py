@@ -335,3 +335,35 @@ def test_triton_decode_kernel_matches_the_masked_step():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-c", _TRITON_SNIPPET], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "TRITON-OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_auto_batch_size_from_free_memory(engine):
+    """The AV batch that fits: KV cache at prompt + max_new for every layer, the vocabulary work and
+    the prompt pass's transient, per row, into 85% of the free memory, rounded down to a multiple of 8."""
+    from nla_ray.nla.fast_decode import auto_batch_size, bytes_per_row
+
+    m = engine.model
+    cfg = m.config
+    t, new = 40, 60
+    per = bytes_per_row(m, t, new)
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert per["kv_cache"] == cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * hd * 4 * (t + new)  # fp32
+    assert per["vocab_work"] == len(engine.tok) * (2 * 4 + 4)
+    assert bytes_per_row(m, t, new, sampling=True)["vocab_work"] > per["vocab_work"]
+    assert auto_batch_size(m, t, new, free_bytes=int(per["total"] * 100 / 0.85) + 1) == 96
+    assert auto_batch_size(m, t, new, free_bytes=int(per["total"] * 5 / 0.85) + 1) == 5   # under 8: as is
+    assert auto_batch_size(m, t, new, free_bytes=per["total"] * 10**6) == 1024           # the cap
+    with pytest.raises(ValueError, match="one AV row needs .* MiB are free"):
+        auto_batch_size(m, t, new, free_bytes=per["total"] // 2)
+
+
+def test_decode_batch_splits_and_pads_without_changing_rows(engine):
+    """AVEngine(decode_batch=k) decodes k rows at a time (the last chunk padded to k on the fast
+    path, the padding dropped): the samples equal one batch's."""
+    vec = torch.randn(5, D, generator=torch.Generator().manual_seed(9))
+    whole = engine.generate(vec, max_new_tokens=9)
+    for backend in ("loop", "fast"):
+        eng = AVEngine(engine.model, engine.tok, engine.meta, max_new_tokens=MAX_NEW, backend=backend, decode_batch=2)
+        assert eng.generate(vec, max_new_tokens=9) == whole
+    with pytest.raises(ValueError, match="decode_batch must be"):
+        AVEngine(engine.model, engine.tok, engine.meta, decode_batch=0)

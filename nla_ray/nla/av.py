@@ -55,7 +55,7 @@ class AVEngine:
     """Batched vector -> explanation. One instance per model; thread-unsafe, like a torch model."""
 
     def __init__(self, model, tokenizer, meta: NlaMeta, *, max_new_tokens: int = 150,
-                 backend: str = "loop"):
+                 backend: str = "loop", decode_batch: int | str | None = None):
         if meta.role != "av":
             raise ValueError(f"{meta.path}: role is {meta.role!r}, an AV engine needs role av")
         self.model, self.tok, self.meta = model, tokenizer, meta
@@ -72,6 +72,12 @@ class AVEngine:
         self.vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None \
             else text_config(model.config).vocab_size
         self.stop_ids = self._stop_ids()
+        # Rows decoded at once: None = all that arrive; an int caps it; "auto" sizes it from the free
+        # GPU memory and the KV cache at max_new_tokens (fast_decode.auto_batch_size), per call.
+        if not (decode_batch is None or decode_batch == "auto" or (isinstance(decode_batch, int) and decode_batch > 0)):
+            raise ValueError(f"decode_batch must be a positive int, 'auto' or None, got {decode_batch!r}")
+        self.decode_batch = decode_batch
+        self.last_decode_batch: int | None = None
 
     def _stop_ids(self) -> list[int]:
         ids = set()
@@ -116,6 +122,23 @@ class AVEngine:
         if n == 0:
             return []
         max_new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        step = self._rows_at_once(n, max_new, temperature > 0)
+        if step < n:
+            out = []
+            for i in range(0, n, step):
+                chunk = vectors[i: i + step]
+                sd = None if seeds is None else list(seeds)[i: i + step]
+                real = chunk.shape[0]
+                if real < step and self.backend in ("fast", "fused"):
+                    # Pad the last chunk to the same batch (copies of its last row, dropped below): the
+                    # fast decoder keeps one captured session per batch size, and a new size would
+                    # capture again for every pool batch.
+                    pad = step - real
+                    chunk = torch.cat([chunk, chunk[-1:].expand(pad, -1)])
+                    sd = None if sd is None else sd + [sd[-1]] * pad
+                out += self.generate(chunk, temperature=temperature, seeds=sd, banned_ids=banned_ids,
+                                     max_new_tokens=max_new)[:real]
+            return out
         emb = self.prompt_embeds(vectors)
         if self.backend == "hf":
             tokens = self._generate_hf(emb, temperature, banned_ids, max_new)
@@ -131,6 +154,29 @@ class AVEngine:
             else:
                 tokens = self._generate_loop(emb, temperature, seeds, banned_ids, max_new)
         return [self._finish(row) for row in tokens]
+
+    def _rows_at_once(self, n: int, max_new: int, sampling: bool) -> int:
+        if self.decode_batch is None:
+            return n
+        if self.decode_batch != "auto":
+            return int(self.decode_batch)
+        if self.device.type != "cuda":
+            return n  # no GPU memory to size against: decode what arrived
+        from nla_ray.nla.fast_decode import auto_batch_size
+
+        key = (max_new, sampling)
+        sizes = self.__dict__.setdefault("_auto_sizes", {})
+        if key not in sizes:
+            # Sized once per (token budget, sampling): the fast decoder's last session (its cache and
+            # graphs) is handed back first, so the free memory counts it as available.
+            dec = getattr(self, "_fast_decoder", None)
+            if dec is not None and dec.session is not None:
+                dec.release()
+                torch.cuda.empty_cache()
+            free, _ = torch.cuda.mem_get_info(self.device)
+            sizes[key] = auto_batch_size(self.model, len(self.prompt_ids), max_new, free_bytes=free, sampling=sampling)
+        self.last_decode_batch = sizes[key]
+        return sizes[key]
 
     def _finish(self, row: list[int]) -> Sample:
         stop = set(self.stop_ids)

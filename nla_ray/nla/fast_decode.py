@@ -831,6 +831,42 @@ class _Clock:
 
 
 # ---------------------------------------------------------------------------------------------
+# how many rows fit
+
+
+def bytes_per_row(model, prompt_len: int, max_new: int, sampling: bool = False) -> dict:
+    """GPU bytes one more row of a fast decode needs, by part: the static KV cache at prompt_len +
+    max_new (every layer, both K and V), the per-step vocabulary work (the logits buffer, the model's
+    logits output, the fp32 copy sampling reads, and for sampling the noise's fp32/int64 lanes), and
+    the prompt pass's largest transient (hidden states and the MLP's intermediate at the prompt's
+    length). Rough on the transient side by design: it is small next to the cache at AV lengths."""
+    cfg = _text_config(model)
+    elt = _model_dtype(model).itemsize if hasattr(_model_dtype(model), "itemsize") else 2
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    vocab = output_vocab(model)
+    kv = cfg.num_hidden_layers * 2 * kv_heads * head_dim * elt * (prompt_len + max_new)
+    logits = vocab * (2 * elt + 4 + (4 + 8 + 8 if sampling else 0))
+    inter = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+    prefill = prompt_len * (4 * cfg.hidden_size + 3 * inter) * elt
+    return {"kv_cache": kv, "vocab_work": logits, "prefill_transient": prefill, "total": kv + logits + prefill}
+
+
+def auto_batch_size(model, prompt_len: int, max_new: int, *, free_bytes: int, sampling: bool = False,
+                    use: float = 0.85, cap: int = 1024, multiple: int = 8) -> int:
+    """The largest batch (a multiple of `multiple`, at most `cap`) whose rows fit in `use` of the
+    free GPU memory. Raises when not even one row fits, naming the numbers."""
+    per = bytes_per_row(model, prompt_len, max_new, sampling)
+    room = int(free_bytes * use)
+    n = room // per["total"]
+    if n < 1:
+        raise ValueError(f"one AV row needs ~{per['total'] / 2**20:.0f} MiB (KV cache {per['kv_cache'] / 2**20:.0f} MiB "
+                         f"at {prompt_len}+{max_new} tokens) but only {free_bytes / 2**20:.0f} MiB are free "
+                         f"({use:.0%} usable): lower av.max_new_tokens or give the AV pool more of a GPU")
+    return int(max(1, min(cap, n if n < multiple else n // multiple * multiple)))
+
+
+# ---------------------------------------------------------------------------------------------
 # the AVEngine entry point
 
 
