@@ -278,3 +278,24 @@ def test_bench_job_preset_picks_its_architecture(tmp_path):
     assert s["job"] == "bench" and s["config"]["name"] == "mini-gemma" and s["schema"] == bench.SCHEMA
     assert "## Provenance" in (tmp_path / "table.md").read_text()
     assert job.JOB.entry(["--preset", "mini", "--tiny", "--n", "3", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_compare_logits_and_kernel_kinds():
+    """The logits check's numbers on hand-made rows, and the profile's kernel families by name."""
+    ref = torch.tensor([[[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]]], dtype=torch.float64)  # [B=1, S=1, V=6]
+    same = bench.compare_logits(ref.clone(), ref, k=3)
+    assert same["top1_agreement"] == 1.0 and same["top3_overlap"] == 1.0 and same["max_err_in_std"] == 0.0
+    swapped = ref.clone()
+    swapped[..., 0], swapped[..., 1] = 4.0, 5.0       # top-1 flips, the top-3 set is the same
+    r = bench.compare_logits(swapped, ref, k=3)
+    assert r["top1_agreement"] == 0.0 and r["top3_overlap"] == 1.0
+    assert r["max_err_in_std"] == pytest.approx(1.0 / float(ref.std()))
+    low = ref.clone()
+    low[..., 2] = -9.0                                  # one of the reference's top 3 leaves the top 3
+    assert bench.compare_logits(low, ref, k=3)["top3_overlap"] == pytest.approx(2 / 3)
+    assert bench.kernel_kind("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
+    assert bench.kernel_kind("_decode_attention_split") == "attention"  # nla_ray/nla/decode_kernel.py
+    assert bench.kernel_kind("some_kernel") == "other"
+    assert bench.kernel_kind("nvjet_sm90_tst_168x128_64x5_1x2_h_bz_TNN") == "matmul"
+    assert bench.kernel_kind("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "fused (compiled)"
+    assert bench.kernel_kind("void at::native::index_elementwise_kernel<128, 4, index_copy>") == "copy / index"

@@ -60,6 +60,10 @@ class AREngine:
         self.head = value_head.to(device=p.device, dtype=torch.float32).eval()
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        # Per row of the last `reconstruct` call: was its prompt cut to max_length? (counted per row
+        # by the AR stage, so a run says how many explanations were scored on a truncated text)
+        self.last_truncated = np.zeros(0, dtype=bool)
+        self._cut: list[bool] = []
 
     @property
     def device(self):
@@ -69,11 +73,13 @@ class AREngine:
         rows = []
         for e in explanations:
             ids = self.tok(T.ar_prompt(self.meta.ar_template, e), add_special_tokens=True)["input_ids"]
-            if len(ids) > self.max_length:
+            cut = len(ids) > self.max_length
+            if cut:
                 # Keep the head (<bos> + template start) and the whole template tail: the stored
                 # suffix omits its first token (it may merge with the text), so keep one more.
                 tail = len(self.suffix) + 1
                 ids = ids[:self.max_length - tail] + ids[-tail:]
+            self._cut.append(cut)
             rows.append(ids)
         ids, mask = right_pad(rows, self.pad_id)
         last = mask.sum(1) - 1
@@ -90,9 +96,12 @@ class AREngine:
 
     @torch.no_grad()
     def reconstruct(self, explanations: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        self._cut = []
         if len(explanations) == 0:
+            self.last_truncated = np.zeros(0, dtype=bool)
             return np.zeros((0, self.meta.d_model), dtype=np.float32)
         outs = []
         for i in range(0, len(explanations), batch_size):
             outs.append(self.head(self.hidden_last(explanations[i:i + batch_size])).cpu().numpy())
+        self.last_truncated = np.array(self._cut, dtype=bool)
         return np.concatenate(outs).astype(np.float32)

@@ -26,7 +26,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _split_kernel(Q, K, V, SEQ, OUT, PM, PL, PACC,
+def _decode_attention_split(Q, K, V, SEQ, OUT, PM, PL, PACC,
                   s_qb, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_oh,
                   scale, window, n_splits,
                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -74,7 +74,7 @@ def _split_kernel(Q, K, V, SEQ, OUT, PM, PL, PACC,
 
 
 @triton.jit
-def _merge_kernel(OUT, PM, PL, PACC, s_ob, s_oh, n_splits,
+def _decode_attention_merge(OUT, PM, PL, PACC, s_ob, s_oh, n_splits,
                   G: tl.constexpr, D: tl.constexpr, SP: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)   # KV head
@@ -130,7 +130,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         pacc = torch.empty(b, kv_heads, n_splits, group, d, dtype=torch.float32, device=query.device)
     else:
         pm = pl = pacc = o  # unused
-    _split_kernel[(b, kv_heads, n_splits)](
+    _decode_attention_split[(b, kv_heads, n_splits)](
         q, key, value, seqused, o, pm, pl, pacc,
         q.stride(0), q.stride(1), key.stride(0), key.stride(2), key.stride(1),
         value.stride(0), value.stride(2), value.stride(1), o.stride(0), o.stride(1),
@@ -139,6 +139,6 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         # fp32 models (the mini presets) keep fp32 products; tf32 would round them to 10 bits.
         PREC="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
     if split:
-        _merge_kernel[(b, kv_heads, group)](o, pm, pl, pacc, o.stride(0), o.stride(1), n_splits,
+        _decode_attention_merge[(b, kv_heads, group)](o, pm, pl, pacc, o.stride(0), o.stride(1), n_splits,
                                             G=group, D=d, SP=triton.next_power_of_2(n_splits), num_warps=4)
     return out

@@ -25,8 +25,8 @@ from nla_ray.nla import sources
 from nla_ray.nla import templates as T
 from nla_ray.nla.ar import AREngine, ValueHead, load_value_head
 from nla_ray.nla.av import AVEngine
-from nla_ray.nla.models import (backbone_from_model, load_backbone, load_causal_lm, resolve_device, resolve_dtype,
-                     text_config)
+from nla_ray.nla.models import (backbone_from_model, load_backbone, load_causal_lm, remote_code_allowed,
+                                resolve_device, resolve_dtype, text_config)
 from nla_ray.nla.sidecar import NlaMeta, SidecarError, read_sidecar, write_sidecar
 
 # The mini world mirrors the paper world: layer ~2/3 depth, one pair per model family.
@@ -261,7 +261,7 @@ def load_av(directory: str | Path, *, device=None, dtype=None, max_new_tokens: i
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     wpath, tpath = _weights_and_tokenizer(directory, meta)
-    tok = AutoTokenizer.from_pretrained(tpath, trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(tpath, trust_remote_code=remote_code_allowed())
     model = apply_adapter(load_causal_lm(wpath, device=dev, dtype=dt), directory)
     return AVEngine(model, tok, meta, max_new_tokens=max_new_tokens, backend=backend)
 
@@ -279,7 +279,7 @@ def load_ar(directory: str | Path, *, device=None, dtype=None) -> AREngine:
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     wpath, tpath = _weights_and_tokenizer(directory, meta)
-    tok = AutoTokenizer.from_pretrained(tpath, trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(tpath, trust_remote_code=remote_code_allowed())
     tok.padding_side = "right"
     if (directory / "adapter" / "adapter_config.json").is_file():
         model = apply_adapter(load_causal_lm(wpath, device=dev, dtype=dt), directory)
