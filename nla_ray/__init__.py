@@ -11,6 +11,8 @@ Library layers, each in its own module:
   metrics     pure functions: NMSE, cos, Var, FVE, clustered CIs, nulls
   corpora     document sources (packaged BBC News, HF datasets, ad-hoc texts)
   pipeline    Ray Data actor pools; tune: Ray Tune sweeps
+  placement   GPU memory per pool and where Ray may place the pools' actors (pure arithmetic)
+  ray_auth    one line for a driver that lacks a token-auth cluster's Ray token
 """
 
 __version__ = "0.1.0"

@@ -5,6 +5,7 @@
   nla-ray report                                         REPORT.md + report.html from results/
   nla-ray jobs                                           every analysis job in jobs/, one line each
   nla-ray run JOB [ARGS...]                              run a job (same as python jobs/JOB.py ARGS...)
+  nla-ray placement --preset paper-gemma27b-L41          GPU memory per pool and the packings on the preset's machine
 
 `python -m nla_ray ...` is the same program. Mistakes (a missing file or directory, an unknown pair,
 a bad value) print one line saying what would fix them and exit 2; --debug, or NLA_RAY_DEBUG=1,
@@ -254,6 +255,45 @@ def _cmd_run(a) -> int:
     return 0
 
 
+def _cmd_placement(a) -> int:
+    import shlex
+
+    from nla_ray.config import load_config
+    from nla_ray.core.provenance import provenance
+    from nla_ray.core.table import write_json, write_text
+    from nla_ray.jobkit import Context
+    from nla_ray.runtime import placement as P
+
+    presets = a.preset or ["paper-gemma27b-L41", "paper-qwen7b-L20"]
+    # --set items about one family's model stay with it; the rest (pools, machine, av.*) apply to the
+    # partner too, as they do in cross_family (jobkit.Context.partner)
+    shared = [s for s in a.set if s.split("=", 1)[0].strip().split(".")[0] not in Context.FAMILY_KEYS]
+    statements = []
+    for name in presets:
+        cfg = load_config(name, overrides=a.set)
+        if cfg.machine is None:
+            raise P.no_machine_error(cfg)
+        partner = None
+        if cfg.partner and cfg.cross_pools and not a.no_cross:
+            partner = load_config(cfg.partner, overrides=shared)
+        statements.append(P.preset_statement(cfg, partner))
+    command = "python -m nla_ray placement " + " ".join(shlex.quote(x) for x in a.argv_echo)
+    prov = provenance(",".join(presets))
+    prov["command"] = command
+    md = P.render_markdown(statements, command=command, provenance=prov)
+    print(md, end="")
+    if a.out:
+        out = Path(a.out).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text(out.with_suffix(".md"), md)
+        write_json(out.with_suffix(".json"), {"command": command, "statements": statements, "provenance": prov,
+                                              "assumptions": P.ASSUMPTIONS})
+        print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    bad = [st["preset"] for st in statements for lay in [st["pipeline"], (st.get("cross_family") or {}).get(
+        "side_by_side")] if lay and (not lay["fits"] or lay["all_at_once"] != "always")]
+    return 3 if bad else 0
+
+
 # ---------------------------------------------------------------------------------------------
 # parser
 
@@ -309,6 +349,23 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Every jobs/*.py with the first line of its docstring (read, not imported).")
     j.set_defaults(fn=_cmd_jobs)
 
+    pl = sub.add_parser("placement", parents=[common],
+                        help="GPU memory per pool and where Ray may place the pools, on the preset's named machine",
+                        description="For each preset: what one actor of each pool needs on its GPU (weights of the "
+                                    "part of the model it loads, KV cache at its batch size, activations; estimated "
+                                    "from the architecture), its num_gpus share of the card, whether Ray places every "
+                                    "pool's actors at once on the machine the preset names (`machine:`) in every "
+                                    "arrival order, every packing it may choose with the GB per GPU, and the heaviest "
+                                    "set of actors that may share one card. With a partner preset and cross_pools, "
+                                    "the cross-family layout too. Exit 3 when a layout does not fit or cannot run "
+                                    "all pools at once.")
+    pl.add_argument("--preset", action="append", help="a preset (repeat for several; default: both paper presets)")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field first, e.g. --set pools.av.batch_size=256 --set machine.gpus=4")
+    pl.add_argument("--no-cross", action="store_true", help="leave out the cross-family layout")
+    pl.add_argument("--out", help="also write OUT.md and OUT.json (e.g. results/reliability/placement)")
+    pl.set_defaults(fn=_cmd_placement)
+
     u = sub.add_parser("run", help="run a job by name: nla-ray run reproduce_fve --preset mini --n 20",
                        description="Runs jobs/JOB.py with the arguments that follow (the job contract: "
                                    "--preset, --set, --n, --out, ...; `nla-ray run JOB --help`). Same as "
@@ -321,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    a.argv_echo = args[args.index(a.cmd) + 1:] if a.cmd in args else []  # the subcommand's own arguments
     debug = a.debug = bool(a.debug or os.environ.get("NLA_RAY_DEBUG", "") not in ("", "0"))
     try:
         return a.fn(a)

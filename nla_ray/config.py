@@ -38,12 +38,28 @@ class PoolConfig:
 
 
 @dataclass
+class MachineConfig:
+    """The machine a preset is laid out for: `nodes` x `gpus` cards of `gpu_memory_gb` each (decimal GB,
+    as sold: an H200 is 141). The pipeline compares each pool's estimated GPU memory with one card
+    (nla_ray.runtime.placement) and `nla-ray placement` states the layout on it."""
+
+    gpus: int = 0                  # GPUs per node
+    gpu_memory_gb: float = 0.0     # memory of one GPU
+    name: str = ""                 # e.g. "2xH200"
+    nodes: int = 1
+    cpus: float | None = None      # CPUs per node, when the layout should be checked against them too
+
+
+@dataclass
 class AVConfig:
     temperature: float = 0.0
     n_samples: int = 1
     max_new_tokens: int = 150
     banned_chars: list = field(default_factory=list)   # quote ablation: ban tokens containing these
     backend: str = "loop"     # one of AV_BACKENDS; the GPU presets use fused
+    # Rows decoded at once inside the AV pool's batch: null = the whole batch; an int caps it; "auto"
+    # sizes it from the free GPU memory and the KV cache at max_new_tokens (fast_decode.auto_batch_size).
+    decode_batch: Any = None
 
 
 @dataclass
@@ -67,6 +83,8 @@ class NLAConfig:
     # Pools for jobs that run this family beside another (cross-family): av/ar overrides, so both
     # families' AV and AR pools can be placed at once on the named machine.
     cross_pools: dict = field(default_factory=dict)
+    # The machine this preset's pools are laid out for (None: no machine named, no memory check).
+    machine: MachineConfig | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -92,6 +110,8 @@ def _build(cls, data: dict, where: str):
             if bad:
                 raise ValueError(f"{where}.cross_pools: unknown pool(s) {bad}; cross_pools are av, ar")
             v = {p: _build(PoolConfig, q or {}, f"{where}.cross_pools.{p}") for p, q in (v or {}).items()}
+        elif k == "machine":
+            v = _machine(v, f"{where}.machine")
         elif k == "pools":
             bad = sorted(set(v or {}) - {"extract", "av", "ar"})
             if bad:
@@ -102,7 +122,37 @@ def _build(cls, data: dict, where: str):
     if cls is AVConfig:
         if out.backend not in AV_BACKENDS:
             raise ValueError(f"{where}.backend: {out.backend!r} is not one of {list(AV_BACKENDS)}")
+        db = out.decode_batch
+        if isinstance(db, str) and db.strip().lstrip("-").isdigit():  # --set av.decode_batch=64 arrives as text
+            db = out.decode_batch = int(db)
+        if not (db is None or db == "auto" or (isinstance(db, int) and not isinstance(db, bool) and db > 0)):
+            raise ValueError(f"{where}.decode_batch: expected a positive number of rows, 'auto' (from free GPU "
+                             f"memory) or null (the pool's whole batch), got {db!r}")
     return out
+
+
+def _machine(v, where: str) -> MachineConfig | None:
+    """A `machine:` mapping, checked: whole GPUs and nodes, a positive card size."""
+    if v is None or isinstance(v, MachineConfig):
+        return v
+    if not isinstance(v, dict):
+        raise ValueError(f"{where}: expected a mapping like {{gpus: 2, gpu_memory_gb: 141, name: 2xH200}} "
+                         f"(or null), got {v!r}")
+    m = _build(MachineConfig, v, where)
+    missing = [k for k in ("gpus", "gpu_memory_gb") if k not in v]
+    if missing:
+        raise ValueError(f"{where}: {' and '.join(missing)} missing; a machine names its GPUs per node and the "
+                         f"memory of one GPU, e.g. {{gpus: 2, gpu_memory_gb: 141, name: 2xH200}}")
+    if m.gpus < 1:
+        raise ValueError(f"{where}.gpus: expected a whole number of GPUs per node, at least 1, got {m.gpus}")
+    if not (m.gpu_memory_gb > 0 and m.gpu_memory_gb < 10_000):
+        raise ValueError(f"{where}.gpu_memory_gb: expected the memory of one GPU in GB (e.g. 141 for an H200, "
+                         f"80 for an H100), got {m.gpu_memory_gb}")
+    if m.nodes < 1:
+        raise ValueError(f"{where}.nodes: expected at least 1 node, got {m.nodes}")
+    if m.cpus is not None and not m.cpus > 0:
+        raise ValueError(f"{where}.cpus: expected a positive number of CPUs per node (or null), got {m.cpus}")
+    return m
 
 
 def _merge(a: dict, b: dict) -> dict:

@@ -205,8 +205,13 @@ class Context:
         spec = extract_spec(cfg, name="extract", layers=layers or cfg.extract_layers, align_tolerance=align_tolerance,
                             adapter=adapter)
         with self.timer("extract"):
-            return self.store.ensure(spec, self.documents(cfg), address=self.args.ray_address, anchors=anchors,
-                                     anchor_key=anchor_key)
+            got = self.store.ensure(spec, self.documents(cfg), address=self.args.ray_address, anchors=anchors,
+                                    anchor_key=anchor_key, machine=cfg.machine)
+        run = getattr(self.store, "last_run", None)
+        if run and run.get("rows_failed"):
+            # An extraction into the store that lost rows is a run that was not clean, like a pipeline arm.
+            self.runs[f"extract:{cfg.name}" + (f":{adapter}" if adapter else "")] = run
+        return got
 
     def paired(self, cfg_a: NLAConfig, cfg_b: NLAConfig, tolerance: int = 2):
         """Both families at the same document positions: A's stored rows (stage-0 positions) beside
@@ -242,7 +247,7 @@ class Context:
             info = pipeline.run(stages, source=source, parts=parts, fingerprint=fp, per_position=per_position,
                                 expected_rows=expected, address=self.args.ray_address,
                                 fresh=self.args.fresh and arm not in self.runs and root is None, tee=tee,
-                                log=self.log)
+                                log=self.log, machine=self.cfg.machine)
         self.runs[arm or "main"] = info.__dict__
         return final_table(parts.read(), docs=doc_ids)
 
@@ -349,6 +354,11 @@ class Job:
             try:
                 own_sets = self._check_args(args)
                 cfg = config_from_args(args)
+                # A Ray cluster this driver cannot authenticate to: say so now, in one line, before
+                # documents, models and preflight (Ray itself would warn for ~20 s, then fail).
+                from nla_ray.runtime.ray_auth import check_driver_token
+
+                check_driver_token(args.ray_address or os.environ.get("RAY_ADDRESS"))
                 out = Path(args.out) if args.out else default_out(self.name, cfg.name)
                 if os.environ.get("RAY_JOB_ID") and not args.out:
                     print(f"[{self.name}] note: running as a Ray job without --out, so {out} is inside Ray's "

@@ -222,3 +222,27 @@ def test_pool_layout_check_names_pools_and_sums():
     verdict, msg = pipeline.layout_check(stages, {"GPU": 4.0, "CPU": 8.0})
     assert verdict == "ok" and "3.5 GPUs, 7 CPUs" in msg
     assert pipeline.layout_check([spec("av", 0, 4)], {"CPU": 2.0})[0] == "cannot"
+
+
+def test_an_extraction_into_the_store_that_lost_rows_makes_the_job_exit_3(monkeypatch, tmp_path):
+    """Rows an extraction into the activation store could not produce are not silently absent: the
+    store keeps that run's counts and the job reports them as an arm (not clean, exit 3)."""
+    from nla_ray.jobkit import Job, Result
+    from nla_ray.runtime import store as store_mod
+
+    def ensure(self, spec, docs, **kw):
+        self.last_run = {"rows_failed": 2, "docs_failed": [docs[0].doc_id], "failures": []}
+        return "key", pa.table({"doc_id": [d.doc_id for d in docs[1:]]})
+
+    monkeypatch.setattr(store_mod.ActivationStore, "ensure", ensure)
+    job = Job("store_only_probe", "A probe: extraction only.")
+
+    @job.main
+    def run(ctx):
+        _, rows = ctx.activations()
+        return Result(headline={"rows": rows.num_rows})
+
+    out = tmp_path / "out"
+    assert job.entry(["--preset", "mini", "--n", "10", "--out", str(out), "--store", str(tmp_path / "s")]) == 3
+    arms = json.loads((out / "summary.json").read_text())["run"]["arms"]
+    assert arms["extract:mini"]["rows_failed"] == 2

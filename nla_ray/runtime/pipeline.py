@@ -16,12 +16,17 @@ driver or a stopped job (the same command resumes; its stale lock is taken over)
 (set aside, its documents redone), a second run into the same directory (refused while the first
 lives), rows a stage cannot process (kept apart in `failed/`, counted in `RunInfo`, the other rows go
 on; a stage failing on most rows stops the run). Before any actor starts, `preflight` checks the
-pairs' sidecars, tokenizers, value heads and weight files, and `layout_check` says when the pools
-cannot all run at once on the cluster it finds.
+pairs' sidecars, tokenizers, value heads and weight files; when the preset names its machine,
+`memory_check` states each GPU pool's memory against its cards and refuses a layout in which actors
+Ray may put on one GPU cannot fit it; and `layout_check` says, from each node's GPUs (Ray puts a
+fractional actor on one GPU), when the pools cannot all run at once on the cluster it finds
+(nla_ray.runtime.placement does the arithmetic). A driver joining a cluster whose Ray token it lacks
+is stopped with one line before `ray.init` (nla_ray.runtime.ray_auth).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -55,6 +60,7 @@ class RunInfo:
     tmp_removed: int = 0                                   # .tmp parts of a writer that died
     lock_taken_over: dict | None = None                    # the stale lock this run took over
     docs_truncated: int = 0                                # documents longer than max_length (cut, counted)
+    explanations_truncated: int = 0                        # AR texts longer than its context (scored cut)
     worker_processes: dict = field(default_factory=dict)   # stage -> processes that wrote this run's rows
     actor_restarts: dict = field(default_factory=dict)     # stage -> processes beyond the pool's size
 
@@ -77,7 +83,13 @@ def init_ray(address: str | None, stages: Sequence[StageSpec] = ()):
     if os.environ.get(FAULT_ENV):  # fault injection (jobs/reliability.py) reaches the pools' workers
         env["env_vars"][FAULT_ENV] = os.environ[FAULT_ENV]
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
+        target = address or os.environ["RAY_ADDRESS"]
+        # A cluster with token authentication that this driver cannot satisfy: one line now, instead of
+        # Ray's ~20 s of a warning a second and a ConnectionError (nla_ray.runtime.ray_auth).
+        from nla_ray.runtime.ray_auth import check_driver_token
+
+        check_driver_token(target)
+        ray.init(address=target, runtime_env=env, log_to_driver=True)
     else:
         # A local cluster: declare at least as many logical CPUs as the pools ask for, so several
         # single-CPU actors can coexist on a 2-core laptop (they time-share; torch threads are capped).
@@ -178,7 +190,16 @@ def _checked_pair_role(directory: str, role: str, _memo: dict = {}):  # noqa: B0
         if shape != (meta.d_model, meta.d_model):
             raise ValueError(f"{head}: tensor 'weight' has shape {shape}, expected ({meta.d_model}, {meta.d_model}) "
                              f"from d_model in {meta.path}")
-    meta.check_tokenizer(AutoTokenizer.from_pretrained(tpath, trust_remote_code=trust))
+    tok = AutoTokenizer.from_pretrained(tpath, trust_remote_code=trust)
+    ids = meta.check_tokenizer(tok)
+    # token counts the memory estimate uses (nla_ray.runtime.placement): the AV prompt, the AR template
+    if role == "av":
+        _PROMPT_TOKENS[str(directory)] = len(ids)
+    else:
+        from nla_ray.nla import templates as T
+
+        empty = T.ar_prompt(meta.ar_template, "")
+        _PROMPT_TOKENS[f"ar:{directory}"] = len(tok(empty, add_special_tokens=True)["input_ids"])
     _memo[key] = meta
     return meta
 
@@ -253,35 +274,182 @@ def preflight(stages: Sequence[StageSpec], source=None, items: list | None = Non
     return found
 
 
-def layout_check(stages: Sequence[StageSpec], available: dict) -> tuple[str, str]:
-    """("ok" | "in_turns" | "cannot", message) for the pools' resources against what the cluster has
-    (`available`: Ray's resource dict, "GPU" and "CPU"). "in_turns": every pool fits alone but not all
-    together, so the stages cannot all stream at once; "cannot": a single actor asks for more than
-    the cluster has, so that pool would never start."""
-    asked = {"GPU": 0.0, "CPU": 0.0}
-    parts, too_big = [], []
-    for s in stages:
-        n = max(1, s.pool.concurrency)
-        g, c = float(s.pool.num_gpus or 0), float(s.pool.num_cpus or 0)
-        asked["GPU"] += g * n
-        asked["CPU"] += c * n
-        parts.append(f"{s.name} {n}x({g:g} GPU, {c:g} CPU)")
-        for res, one in (("GPU", g), ("CPU", c)):
-            if one > float(available.get(res, 0) or 0) + 1e-9:
-                too_big.append(f"one {s.name} actor asks for {one:g} {res}")
-    have = f"{float(available.get('GPU', 0) or 0):g} GPUs, {float(available.get('CPU', 0) or 0):g} CPUs"
-    want = f"{asked['GPU']:g} GPUs, {asked['CPU']:g} CPUs"
-    if too_big:
-        return "cannot", (f"[pools] cannot run: {'; '.join(too_big)}, the cluster has {have} "
+def cluster_nodes() -> list[dict]:
+    """Resources of each live node of the connected Ray cluster ({"GPU": n, "CPU": m, ...})."""
+    import ray
+
+    return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+
+
+def layout_check(stages: Sequence[StageSpec], available: dict, nodes: Sequence[dict] | None = None) -> tuple[str, str]:
+    """("ok" | "in_turns" | "cannot", message) for the pools' actors against the cluster. `available`:
+    Ray's resource dict ("GPU", "CPU"); `nodes`: the same per node (default: one node holding
+    `available`). Sums are not enough: Ray puts a fractional actor on ONE GPU (shares on a GPU add up
+    to at most 1), so three 0.6-GPU actors need three GPUs although they sum to 1.8. "ok": every
+    order in which Ray may place the actors puts them all at once (nla_ray.runtime.placement.place);
+    "in_turns": some or every order leaves a pool waiting for another to finish, so the stages cannot
+    all stream at once; "cannot": an actor fits on no node, so that pool would never start."""
+    from nla_ray.runtime import placement as P
+
+    pools = [(s.name, float(s.pool.num_gpus or 0), float(s.pool.num_cpus or 0), max(1, s.pool.concurrency))
+             for s in stages]
+    parts = [f"{name} {n}x({g:g} GPU, {c:g} CPU)" for name, g, c, n in pools]
+    node_res = list(nodes) if nodes else [available]
+    res = P.place(P.actors_of(pools), [P.Node(int(float(n.get("GPU", 0) or 0)), float(n.get("CPU", 0) or 0))
+                                         for n in node_res])
+    gpus, cpus = float(available.get("GPU", 0) or 0), float(available.get("CPU", 0) or 0)
+    have = f"{gpus:g} GPUs, {cpus:g} CPUs"
+    if len(node_res) > 1:
+        have += " on " + str(len(node_res)) + " nodes (" + ", ".join(
+            f"{float(n.get('GPU', 0) or 0):g} GPU/{float(n.get('CPU', 0) or 0):g} CPU" for n in node_res) + ")"
+    want = f"{res.asked['GPU']:g} GPUs, {res.asked['CPU']:g} CPUs"
+    if res.truncated:
+        want += f" (packings searched: the first {res.states}, not all)"
+    if res.verdict == "cannot":
+        return "cannot", (f"[pools] cannot run: {'; '.join(res.cannot)}, the cluster has {have} "
                           f"(pools: {', '.join(parts)}; together {want}). Lower the pool's num_gpus/num_cpus "
                           "(--set pools.<pool>.num_gpus=...) or use a larger cluster")
-    short = [r for r in ("GPU", "CPU") if asked[r] > float(available.get(r, 0) or 0) + 1e-9]
+    if res.verdict == "always":
+        return "ok", (f"[pools] {', '.join(parts)} ask for {want} together; the cluster has {have}: every order "
+                      "in which Ray may place them puts all pools' actors at once")
+    short = [r for r, k in (("GPU", gpus), ("CPU", cpus)) if res.asked[r] > k + 1e-9]
     if short:
         return "in_turns", (f"[pools] the pools ask for {want} together ({', '.join(parts)}) but the cluster has "
                             f"{have}: they cannot all run at once, so stages will wait for each other's resources "
                             f"(short of {' and '.join(short)}); fractions (--set pools.<pool>.num_gpus=0.5) or "
                             "concurrency 1 let them share")
-    return "ok", f"[pools] {', '.join(parts)} ask for {want} together; the cluster has {have}"
+    stuck = res.stuck[0]
+    example = f"after {P.describe_packing(stuck['packing'])}, {' and '.join(stuck['waiting'])} cannot be placed"
+    if res.verdict == "never":
+        return "in_turns", (f"[pools] the pools ask for {want} together ({', '.join(parts)}), within the cluster's "
+                            f"{have} in sum, but Ray puts each fractional actor on one GPU whose shares add up "
+                            f"to at most 1: no packing holds them all, so they cannot all run at once and stages "
+                            f"will wait for each other ({example}). Choose num_gpus so the actors pack onto the "
+                            "GPUs (nla-ray placement shows the packings)")
+    return "in_turns", (f"[pools] the pools ask for {want} together ({', '.join(parts)}); the cluster has {have}, "
+                        f"but only some orders of placement hold them all at once: {example}, and stages would "
+                        "wait for each other. Choose num_gpus so any packing holds them (nla-ray placement "
+                        "shows the packings)")
+
+
+def _stage_role(s: StageSpec) -> str | None:
+    kw = s.kwargs
+    if "av_dir" in kw:
+        return "av"
+    if "ar_dir" in kw:
+        return "ar"
+    if "base" in kw and "layers" in kw:
+        return "extract" if s.cls.__name__ == "Extract" else "generate"
+    return None
+
+
+def _shape_at(path: str, name: str, **prompt):
+    """The placement ModelShape of the checkpoint at `path` (its config.json; a multimodal wrapper's
+    vision tower counted)."""
+    from transformers import AutoConfig
+
+    from nla_ray.nla.models import remote_code_allowed, text_config
+    from nla_ray.runtime.placement import shape_from_config
+
+    full = AutoConfig.from_pretrained(path, trust_remote_code=remote_code_allowed())
+    return shape_from_config(text_config(full), name=name, vision=getattr(full, "vision_config", None),
+                             source=f"{path}/config.json", **prompt)
+
+
+def stage_need(s: StageSpec, explanation_tokens: int = 200):
+    """What one actor of stage `s` needs on its GPU (a placement.PoolNeed), from the config of the
+    checkpoint it loads; None for a stage that loads no model. `explanation_tokens`: the longest
+    text an AR stage reads (the AV's token budget)."""
+    from nla_ray.runtime import placement as P
+
+    role, kw, pool = _stage_role(s), s.kwargs, s.pool
+    common = dict(pool=s.name, num_gpus=float(pool.num_gpus or 0), concurrency=max(1, pool.concurrency))
+    dtype = kw.get("dtype", pool.dtype)
+    if role in ("extract", "generate"):
+        path, _ = _base_config(kw["base"])
+        shape = _shape_at(path, kw["base"])
+        if role == "generate":  # the whole model answering one prompt at a time (ChatAnswer)
+            need = P.av_need(shape, batch_size=1, max_new_tokens=int(kw.get("max_new_tokens", 64)), dtype=dtype,
+                             prompt_tokens=512, **common)
+        else:
+            need = P.extract_need(shape, n_blocks=max(int(x) for x in kw["layers"]) + 1, batch_size=pool.batch_size,
+                                  max_length=int(kw.get("max_length") or 2048), dtype=dtype,
+                                  layers_out=len(kw["layers"]), **common)
+            if kw.get("adapter"):  # the whole model is loaded to merge the adapter, then viewed up to K
+                extra = (shape.layers - max(int(x) for x in kw["layers"]) - 1) * shape.block_params()
+                need.weights_gb += extra * P.dtype_bytes(dtype) / P.GB
+    elif role == "av":
+        meta = _checked_pair_role(kw["av_dir"], "av")
+        from nla_ray.nla.pairs import _weights_and_tokenizer
+
+        wpath, _ = _weights_and_tokenizer(Path(kw["av_dir"]), meta)
+        shape = _shape_at(str(wpath), str(kw["av_dir"]), av_prompt_tokens=_PROMPT_TOKENS.get(str(kw["av_dir"]), 150))
+        need = P.av_need(shape, batch_size=pool.batch_size, max_new_tokens=int(kw.get("max_new_tokens", 150)),
+                         n_samples=int(kw.get("n_samples", 1)), dtype=dtype,
+                         sampling=float(kw.get("temperature", 0) or 0) > 0 or bool(kw.get("banned_chars")), **common)
+    elif role == "ar":
+        meta = _checked_pair_role(kw["ar_dir"], "ar")
+        from nla_ray.nla.pairs import _weights_and_tokenizer
+
+        wpath, _ = _weights_and_tokenizer(Path(kw["ar_dir"]), meta)
+        shape = _shape_at(str(wpath), str(kw["ar_dir"]))
+        text = _PROMPT_TOKENS.get(f"ar:{kw['ar_dir']}", 20) + int(explanation_tokens)
+        need = P.ar_need(shape, n_blocks=(meta.layer if meta.layer is not None else shape.layers - 1) + 1,
+                         batch_size=int(kw.get("batch_size", pool.batch_size)), text_tokens=text, dtype=dtype, **common)
+    else:
+        return None
+    need.num_cpus = float(pool.num_cpus or 0)
+    return need
+
+
+def memory_check(stages: Sequence[StageSpec], machine, log=print) -> list:
+    """One `[memory]` line per pool: what one actor needs on its GPU against the named machine's card
+    (`machine`: nla_ray.config.MachineConfig or a dict with gpus / gpu_memory_gb / name), with the
+    heaviest pools Ray may put beside it. Raises a ValueError naming the pools, their GB and the card
+    when a set of actors Ray may put on one GPU cannot fit it. Returns the PoolNeeds."""
+    from nla_ray.runtime import placement as P
+
+    m = machine if isinstance(machine, dict) else dataclasses.asdict(machine)
+    card, label = float(m["gpu_memory_gb"]), m.get("name") or f"{m['gpus']} GPU"
+    # An AR reads explanations at most as long as the AV's token budget (the longest of this run's AVs;
+    # an AR over stored rows gets the release's ~200).
+    expl = max([int(s.kwargs.get("max_new_tokens", 0)) for s in stages if _stage_role(s) == "av"] or [200])
+    needs = []
+    for s in stages:
+        if not s.pool.num_gpus:
+            log(f"[memory] {s.name}: on CPUs (num_gpus 0), no GPU memory on the {label} machine")
+            continue
+        need = stage_need(s, expl)
+        if need is None:
+            log(f"[memory] {s.name}: loads no model; {s.pool.num_gpus:g} GPU share, memory not estimated")
+            continue
+        needs.append(need)
+    actors = P.actors_of(needs)
+    too_big = []
+    for n in needs:
+        nb = P.neighbours(actors, n.pool)
+        beside = (f"with {' + '.join(nb['pools'])} ({nb['mem_gb']:.1f} GB) that Ray may put beside it the card holds "
+                  f"{n.total_gb + nb['mem_gb']:.1f}" if nb["pools"] else f"alone on its card: {n.total_gb:.1f}")
+        ok = n.total_gb + nb["mem_gb"] <= card + 1e-9
+        log(f"[memory] {n.pool} ({n.concurrency} x {n.num_gpus:g} GPU, {n.model}): needs ~{n.total_gb:.1f} GB "
+            f"(weights {n.weights_gb:.1f} + KV cache {n.kv_gb:.1f} + activations {n.act_gb:.1f} + runtime "
+            f"{n.runtime_gb:.1f}); given a {n.share_gb(card):.1f} GB share of a {card:g} GB card; {beside} of "
+            f"{card:g} GB: {'fits' if ok else 'DOES NOT FIT'}")
+        if n.total_gb > card + 1e-9:
+            too_big.append(f"one {n.pool} actor alone needs ~{n.total_gb:.1f} GB")
+    worst = P.worst_shared_gpu(actors)
+    if too_big or worst["mem_gb"] > card + 1e-9:
+        why = "; ".join(too_big) or (
+            f"Ray may put {' + '.join(worst['pools'])} on one GPU (their num_gpus sum to {worst['share']:g} <= 1), "
+            f"~{worst['mem_gb']:.1f} GB")
+        raise ValueError(f"[memory] the pools do not fit the {label} machine's {card:g} GB GPUs: {why} > {card:g} GB. "
+                         "Raise the heavier pools' num_gpus until no such set sums to <= 1 (a share of at least "
+                         "need / card each), or lower their batch_size; `nla-ray placement --preset ...` shows "
+                         "every packing")
+    return needs
+
+
+_PROMPT_TOKENS: dict = {}   # AV prompt / AR template lengths counted by preflight, per role directory
 
 
 def restarts_seen(table: pa.Table | None, stages: Sequence[StageSpec]) -> tuple[dict, dict]:
@@ -316,17 +484,20 @@ def _items(source, done: set[str]) -> tuple[list[dict], int]:
 
 def run(stages: Sequence[StageSpec], *, source, parts: RowParts, fingerprint: dict, per_position: int = 1,
         expected_rows: int | None = None, address: str | None = None, fresh: bool = False,
-        tee: Callable[[dict], None] | None = None, log=print, lock: bool = True) -> RunInfo:
+        tee: Callable[[dict], None] | None = None, log=print, lock: bool = True, machine=None) -> RunInfo:
     """Stream `source` through `stages` into `parts`, resuming when the parts were made with the same
     `fingerprint` (else `RunMismatch`). `per_position`: rows per (document, position) — layers x samples.
     `lock`: hold the parts directory's lock while running (a second run into it is refused with
-    `RunLocked`); the activation store, which several jobs fill side by side, runs without."""
+    `RunLocked`); the activation store, which several jobs fill side by side, runs without.
+    `machine`: the machine the preset names (config `machine:`): each GPU pool's memory is checked
+    against its cards before anything starts (`memory_check`)."""
     parts.log = log
     if lock:
         got = parts.acquire()
     try:
         info = _run(stages, source=source, parts=parts, fingerprint=fingerprint, per_position=per_position,
-                    expected_rows=expected_rows, address=address, fresh=fresh, tee=tee, log=log, locked=lock)
+                    expected_rows=expected_rows, address=address, fresh=fresh, tee=tee, log=log, locked=lock,
+                    machine=machine)
         if lock and got.get("took_over") is not None:
             info.lock_taken_over = got["took_over"]
         return info
@@ -336,7 +507,7 @@ def run(stages: Sequence[StageSpec], *, source, parts: RowParts, fingerprint: di
 
 
 def _run(stages, *, source, parts: RowParts, fingerprint, per_position, expected_rows, address, fresh, tee, log,
-         locked) -> RunInfo:
+         locked, machine=None) -> RunInfo:
     if locked:
         tmp = parts.remove_stale_tmp()
         if tmp:
@@ -357,8 +528,10 @@ def _run(stages, *, source, parts: RowParts, fingerprint, per_position, expected
     if not items:
         return info
     info.docs_truncated = preflight(stages, source, items, log=log)["docs_truncated"]
+    if machine is not None:
+        memory_check(stages, machine, log=log)
     ray = init_ray(address, stages)
-    verdict, msg = layout_check(stages, ray.cluster_resources())
+    verdict, msg = layout_check(stages, ray.cluster_resources(), cluster_nodes())
     if verdict == "cannot" and _LOCAL["started"]:  # a joined cluster may still add nodes; this one will not
         raise ValueError(msg)
     log(msg)
@@ -397,6 +570,8 @@ def _run(stages, *, source, parts: RowParts, fingerprint, per_position, expected
         if tee is not None:
             tee(batch)
         info.rows_written += n
+        info.explanations_truncated += int(sum(np.asarray(v, dtype=bool).sum() for k, v in batch.items()
+                                               if k.startswith("ar_truncated")))
         info.parts_written += 1
         el = time.time() - t0
         rate = info.rows_written / max(el, 1e-9)
@@ -407,6 +582,9 @@ def _run(stages, *, source, parts: RowParts, fingerprint, per_position, expected
         sys.stdout.flush()
     info.wall_s = time.time() - t0
     info.docs_failed = list(docs_failed)
+    if info.explanations_truncated:
+        log(f"[ar] {info.explanations_truncated} explanation(s) were longer than the AR's context and were scored on "
+            "their head and the template's tail (column ar_truncated)")
     if info.rows_failed:
         log(f"[failed] {info.rows_failed} row(s) of {len(docs_failed)} document(s) could not be processed; kept "
             f"apart in {parts.dir / 'failed'} (the other rows are kept; a rerun tries those documents again)")
@@ -457,9 +635,41 @@ def _record_failures(info: RunInfo, failed: dict, docs: dict, log) -> None:
     log(f"[failed] {n} row(s) kept apart: {str(failed[ERROR][0])[:300]}")
 
 
+def alive_together(table: pa.Table, stages: Sequence[str] | None = None) -> dict | None:
+    """The first instant at which an actor of every stage was alive, and for how long they all were.
+    An actor (one `<stage>_worker` value) is alive from its placement (`<stage>_tinit`) until at least
+    the end of its last batch (`<stage>_t1`). None when a stage has no such stamps (e.g. rows a
+    resumed run took from the store). {"at": epoch s, "seconds": length of the common window,
+    "placed": {stage: [first placement of each worker]}}."""
+    names = list(stages) if stages else [c[: -len("_tinit")] for c in table.column_names if c.endswith("_tinit")]
+    spans: dict = {}
+    for s in names:
+        cols = (f"{s}_worker", f"{s}_tinit", f"{s}_t1")
+        if any(c not in table.column_names for c in cols):
+            return None
+        w, ti, t1 = (table.column(c).to_pylist() for c in cols)
+        per: dict = {}
+        for a, b, c in zip(w, ti, t1):
+            if isinstance(a, str) and a and b is not None and c is not None and np.isfinite(b) and np.isfinite(c):
+                lo, hi = per.get(a, (b, c))
+                per[a] = (min(lo, b), max(hi, c))
+        if not per:
+            return None
+        spans[s] = sorted(per.values())
+    best = None
+    for t in sorted({lo for v in spans.values() for lo, _ in v}):
+        ends = [max((hi for lo, hi in v if lo <= t <= hi), default=None) for v in spans.values()]
+        if all(e is not None for e in ends):
+            best = {"at": t, "seconds": round(min(ends) - t, 3)}
+            break
+    placed = {s: [round(lo, 3) for lo, _ in v] for s, v in spans.items()}
+    return {"at": best["at"] if best else None, "seconds": best["seconds"] if best else 0.0, "placed": placed}
+
+
 def stage_timeline(table: pa.Table) -> dict:
-    """Per stage: first start, last end, busy seconds, workers; and pairwise overlap of stage windows —
-    the evidence that the pools ran concurrently rather than one after another."""
+    """Per stage: first start, last end, busy seconds, workers; pairwise overlap of stage windows —
+    the evidence that the pools ran concurrently rather than one after another — and `together`:
+    whether an actor of every stage was alive at one instant (all pools placed at once)."""
     out = {}
     t_min = None
     names = [c[: -len("_t0")] for c in table.column_names if c.endswith("_t0") and f"{c[:-3]}_worker" in table.column_names]
@@ -486,4 +696,8 @@ def stage_timeline(table: pa.Table) -> dict:
         for b in keys[i + 1:]:
             lo, hi = max(out[a]["start"], out[b]["start"]), min(out[a]["end"], out[b]["end"])
             overlap[f"{a}|{b}"] = round(max(0.0, hi - lo), 3)
-    return {"stages": out, "overlap_s": overlap}
+    together = alive_together(table, list(out)) if out else None
+    if together is not None and t_min is not None:
+        together = {"all_placed": together["at"] is not None, "from_rel_s": None if together["at"] is None
+                    else round(together["at"] - t_min, 3), "seconds": together["seconds"]}
+    return {"stages": out, "overlap_s": overlap, "together": together}

@@ -3,8 +3,8 @@
 A stage is data: `StageSpec(cls, name, pool, kwargs)`. A pipeline is a list of specs over a source
 (documents, or stored rows), so AR-only over edited explanations, the AV of one family into the AR of
 another, or several layers into one pair are different lists, not different pipelines. The base class
-stamps `<name>_t0`, `<name>_t1` and `<name>_worker` on every row, from which the timeline shows
-whether the pools ran side by side.
+stamps `<name>_t0`, `<name>_t1`, `<name>_worker` and `<name>_tinit` (when the actor was placed) on
+every row, from which the timeline shows whether the pools were placed and ran side by side.
 
 Column conventions: an extraction writes `vector`, `position`, `layer`, ... (with `prefix` for a second
 family: `b_vector`, `b_position`); an AV stage reads `<src>vector` and writes `<out>explanation`,
@@ -99,6 +99,9 @@ class Stage:
     """Load in `__init__`, one batch in `process`; `__call__` adds the timing stamps."""
 
     def __init__(self, name: str, num_cpus: float = 1.0):
+        # When Ray placed this actor (its construction starts once its resources are granted): the
+        # `<name>_tinit` stamp, from which the timeline shows whether every pool was placed at once.
+        self._t_init = time.time()
         import torch
 
         self.name = name
@@ -130,6 +133,7 @@ class Stage:
         out[f"{self.name}_t0"] = np.full(n, t0)
         out[f"{self.name}_t1"] = np.full(n, time.time())
         out[f"{self.name}_worker"] = np.array([worker_label()] * n, dtype=object)
+        out[f"{self.name}_tinit"] = np.full(n, self._t_init)
         return out
 
     def _isolate(self, batch: dict, first: Exception) -> dict:
@@ -221,11 +225,11 @@ class Extract(Stage):
 
         from nla_ray.nla import sources
         from nla_ray.nla.extract import Extractor
-        from nla_ray.nla.models import load_backbone, resolve_device, resolve_dtype, text_config
+        from nla_ray.nla.models import load_backbone, remote_code_allowed, resolve_device, resolve_dtype, text_config
 
         dev = resolve_device("auto")
         res = sources.resolve(base)
-        tok = AutoTokenizer.from_pretrained(res.path, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(res.path, trust_remote_code=remote_code_allowed())
         if adapter:
             from nla_ray.nla.models import backbone_from_model, load_causal_lm
             from nla_ray.nla.pairs import apply_adapter
@@ -359,11 +363,11 @@ class ChatAnswer(Stage):
 
         from nla_ray.nla import sources
         from nla_ray.nla.extract import Extractor
-        from nla_ray.nla.models import load_causal_lm, resolve_device, resolve_dtype, text_config
+        from nla_ray.nla.models import load_causal_lm, remote_code_allowed, resolve_device, resolve_dtype, text_config
 
         dev = resolve_device("auto")
         res = sources.resolve(base)
-        self.tok = AutoTokenizer.from_pretrained(res.path, trust_remote_code=False)
+        self.tok = AutoTokenizer.from_pretrained(res.path, trust_remote_code=remote_code_allowed())
         if not getattr(self.tok, "chat_template", None):
             raise ValueError(f"{base}: the tokenizer has no chat template to put the prompt in a user turn")
         self.model = load_causal_lm(res.path, device=dev, dtype=resolve_dtype(dtype, dev))
@@ -423,11 +427,13 @@ class Verbalize(Stage):
 
     def __init__(self, name: str, num_cpus: float, *, av_dir: str, dtype: str = "auto", seed: int = 42,
                  temperature: float = 0.0, n_samples: int = 1, max_new_tokens: int = 150,
-                 banned_chars: list | None = None, backend: str = "loop", src: str = "", out: str = ""):
+                 banned_chars: list | None = None, backend: str = "loop", src: str = "", out: str = "",
+                 decode_batch=None):
         super().__init__(name, num_cpus)
         from nla_ray.nla import pairs
 
-        self.av = pairs.load_av(av_dir, dtype=dtype, max_new_tokens=max_new_tokens, backend=backend)
+        self.av = pairs.load_av(av_dir, dtype=dtype, max_new_tokens=max_new_tokens, backend=backend,
+                                decode_batch=decode_batch)
         self.banned = self.av.banned_ids_for(banned_chars) if banned_chars else None
         self.seed, self.temperature, self.n_samples = seed, temperature, max(1, n_samples)
         self.src, self.out = src, out
@@ -509,6 +515,7 @@ class Reconstruct(Stage):
             gold = batch[gold_col]
             recon = np.zeros_like(gold, dtype=np.float32)
             nm, cs = np.full(n, np.nan, dtype=np.float32), np.full(n, np.nan, dtype=np.float32)
+            cut = np.zeros(n, dtype=bool)
             vi = np.nonzero(ok & (batch[position] >= 0))[0]
             if len(vi):
                 texts = batch[text][vi]
@@ -517,10 +524,13 @@ class Reconstruct(Stage):
                 if p is not None and f"{p}status" in batch:
                     texts = ar_input_texts(texts, batch[f"{p}status"][vi], batch[f"{p}av_text"][vi])
                 r = self.ar.reconstruct([str(t) for t in texts], batch_size=self.bs)
+                cut[vi] = self.ar.last_truncated
                 recon[vi] = r
                 nm[vi] = metrics.nmse(r, gold[vi], self.ar.meta.mse_scale)
                 cs[vi] = metrics.cosine(r, gold[vi])
-            out.update({f"recon{suffix}": recon, f"nmse{suffix}": nm, f"cos{suffix}": cs})
+            # ar_truncated: the text was longer than the AR's context and scored on its cut form
+            out.update({f"recon{suffix}": recon, f"nmse{suffix}": nm, f"cos{suffix}": cs,
+                        f"ar_truncated{suffix}": cut})
         return out
 
 
@@ -563,7 +573,8 @@ def answer_spec(cfg, *, offsets: list[int], max_new_tokens: int = 64, name: str 
 def av_spec(cfg, av_dir: str, *, name: str = "av", src: str = "", out: str = "", pool=None, **override) -> StageSpec:
     pool, a = pool or cfg.pools["av"], cfg.av
     kw = dict(av_dir=str(av_dir), dtype=pool.dtype, seed=cfg.seed, temperature=a.temperature, n_samples=a.n_samples,
-              max_new_tokens=a.max_new_tokens, banned_chars=list(a.banned_chars), backend=a.backend, src=src, out=out)
+              max_new_tokens=a.max_new_tokens, banned_chars=list(a.banned_chars), backend=a.backend, src=src, out=out,
+              decode_batch=a.decode_batch)
     kw.update(override)
     return StageSpec(Verbalize, name, pool, kw)
 

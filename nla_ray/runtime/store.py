@@ -75,6 +75,7 @@ class ActivationStore:
     def __init__(self, root: str | Path | None = None, log=print):
         self.root = Path(root) if root else default_root()
         self.log = log
+        self.last_run: dict | None = None  # RunInfo of the last extraction `ensure` ran (None: all stored)
 
     def entry(self, key: ActivationKey) -> RowParts:
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", key.base)[-60:]
@@ -106,10 +107,11 @@ class ActivationStore:
         return write
 
     def ensure(self, spec: StageSpec, docs: list, *, address: str | None = None, anchors: dict | None = None,
-               anchor_key: str | None = None) -> tuple[ActivationKey, pa.Table]:
+               anchor_key: str | None = None, machine=None) -> tuple[ActivationKey, pa.Table]:
         """Rows of `spec`'s extraction for `docs`, extracting (through a Ray Data pool) only the
         documents the entry lacks. `anchors`: {doc_id: [[position, char_end], ...]} for aligned
-        extraction, identified by `anchor_key`."""
+        extraction, identified by `anchor_key`. `machine`: the machine the preset names (the pool's
+        memory is checked against its cards)."""
         from nla_ray.runtime import pipeline
 
         key = key_for(spec)
@@ -123,10 +125,14 @@ class ActivationStore:
             items = [{"doc_id": d.doc_id, "text": d.text, **({"anchors": json.dumps(anchors.get(d.doc_id, []))}
                                                               if anchors is not None else {})}
                      for d in docs if d.doc_id in todo]
-            pipeline.run([spec], source=items, parts=self.entry(key),
-                         fingerprint=json.loads(json.dumps(asdict(key), default=str)),
-                         per_position=len(key.layers), address=address, log=self.log, lock=False)
+            info = pipeline.run([spec], source=items, parts=self.entry(key),
+                                fingerprint=json.loads(json.dumps(asdict(key), default=str)),
+                                per_position=len(key.layers), address=address, log=self.log, lock=False,
+                                machine=machine)
+            # Kept for the job: documents whose extraction failed are counted there (not clean, exit 3).
+            self.last_run = info.__dict__
         else:
+            self.last_run = None
             self.log(f"[store] {len(ids)} documents of {key.base} layers {key.layers} already stored")
         return key, self.load(key, ids)
 
