@@ -792,10 +792,13 @@ def _long_explanation(world: World, tmp: Path) -> dict:
     vec = np.random.default_rng(2).standard_normal((1, 64)).astype(np.float32)
     out = st({"doc_id": np.array(["long"], dtype=object), "position": np.array([60]),
               "explanation": np.array([text], dtype=object), "vector": vec})
-    handled = not out[ERROR][0] and bool(np.isfinite(out["recon"]).all()) and n_tok > st.ar.max_length
+    handled = not out[ERROR][0] and bool(np.isfinite(out["recon"]).all()) and n_tok > st.ar.max_length \
+        and bool(out["ar_truncated"][0])
     return {"seen": f"an explanation of {n_tok} tokens is scored on the AR's first {st.ar.max_length} prompt tokens "
-                    "with the template's tail kept (no error)", "handled": handled,
-            "how": "truncated (head and template tail kept; nla_ray.nla.ar); not counted per row", "names": []}
+                    "with the template's tail kept (no error); the row's ar_truncated is "
+                    f"{bool(out['ar_truncated'][0])}", "handled": handled,
+            "how": "truncated (head and template tail kept; nla_ray.nla.ar), counted per row (ar_truncated; the run "
+                   "log and run.explanations_truncated sum it)", "names": []}
 
 
 def _config_case(args: list[str], names: list[str]):

@@ -31,8 +31,9 @@ def _decode_attention_split(Q, K, V, SEQ, OUT, PM, PL, PACC,
                   scale, window, n_splits,
                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                   SPLIT: tl.constexpr, PREC: tl.constexpr):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
+    # int64 offsets: batch x cache stride passes 2**31 at large batches and long caches.
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
     s = tl.program_id(2)
     n_valid = tl.load(SEQ + b)
     lo = tl.maximum(n_valid - window, 0)  # no window: the caller passes one longer than any cache
@@ -76,9 +77,9 @@ def _decode_attention_split(Q, K, V, SEQ, OUT, PM, PL, PACC,
 @triton.jit
 def _decode_attention_merge(OUT, PM, PL, PACC, s_ob, s_oh, n_splits,
                   G: tl.constexpr, D: tl.constexpr, SP: tl.constexpr):
-    b = tl.program_id(0)
-    h = tl.program_id(1)   # KV head
-    g = tl.program_id(2)   # query row of the group
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)   # KV head
+    g = tl.program_id(2)                # query row of the group
     s = tl.arange(0, SP)
     d = tl.arange(0, D)
     smask = s < n_splits
