@@ -42,6 +42,10 @@ split ``en``) whose rows 100000.. hold the documents, so the presets' own range 
     argv = standins.job_argv(world, "gemma", "reproduce_fve", out=..., store=..., n=10)
 
 scripts/paper_path.py runs the presets on them; tests/test_paper_path.py checks the runs.
+
+The Qwen stand-in also comes at the real size: ``build_qwen(size=QWEN25_7B, device="cuda")`` is a
+random-weight Qwen2.5-7B (its real widths, 28 blocks, untied 152,064-row head) in the same layout,
+allocated and filled on the GPU; scripts/real_size_pipeline.py runs the pipeline on it (issue #14).
 """
 
 from __future__ import annotations
@@ -73,6 +77,12 @@ RELEASED = {
 DEPTHS = {"release": {"gemma": (62, 41), "qwen": (28, 20)}, "tiny": {"gemma": (6, 4), "qwen": (5, 3)}}
 D_MODEL = 64
 SHARDS = 2
+# Qwen2.5-7B-Instruct's widths (its config.json), for a stand-in at the real size: `build_qwen(size=...)`
+# with depth="release" gives the real 28 blocks, K = 20. The vocabulary is the real 152,064 rows even
+# though the stand-in's tokenizer uses fewer ids: the embedding and LM head then cost what Qwen's do, and
+# ids past the tokenizer (which a random LM head does sample) decode to nothing, as unused ids would.
+QWEN25_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28, "num_key_value_heads": 4,
+             "vocab_size": 152064}
 TOKENIZERS = {"gemma": "pkg:gemma3-270m", "qwen": "pkg:smollm2-135m"}
 
 # Qwen2.5-Instruct's turn format without its tool-calling branches: ChatML, and a default system turn
@@ -254,7 +264,9 @@ def save_sharded(state: dict, directory: Path, n_shards: int = SHARDS, dtype=tor
     files, weight_map, total = [], {}, 0
     for i, keys in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        part = {k: state[k].detach().to(dtype).contiguous() for k in keys}
+        # .cpu(): a no-op for CPU tensors; a GPU-built state is copied out one shard at a time (not
+        # every safetensors version accepts CUDA tensors).
+        part = {k: state[k].detach().to(dtype).contiguous().cpu() for k in keys}
         save_file(part, str(directory / fname), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in part.values())
         weight_map.update({k: fname for k in keys})
@@ -271,12 +283,17 @@ def _write_config(config, directory: Path, architectures: list[str]) -> None:
 
 
 def _perturbed(state: dict, scale: float, seed: int) -> dict:
-    """`state` plus Gaussian noise of `scale` x each tensor's std (a stand-in for fine-tuning)."""
-    g = torch.Generator().manual_seed(seed)
+    """`state` plus Gaussian noise of `scale` x each tensor's std (a stand-in for fine-tuning). The noise
+    is drawn on each tensor's own device (a GPU-built 7B state never visits the CPU); CPU tensors draw
+    from one CPU generator in key order, as they always did."""
+    gens: dict = {}
     out = {}
     for k, v in state.items():
         if v.is_floating_point() and v.numel() > 1 and float(v.std()) > 0:
-            v = v + scale * float(v.std()) * torch.randn(v.shape, generator=g, dtype=v.dtype)
+            if v.device not in gens:
+                gens[v.device] = torch.Generator(device=v.device).manual_seed(seed)
+            v = v + scale * float(v.std()) * torch.randn(v.shape, generator=gens[v.device], dtype=v.dtype,
+                                                         device=v.device)
         out[k] = v
     return out
 
@@ -393,23 +410,85 @@ def build_gemma(out: str | Path, tokenizer=None, *, depth: str = "release", hub_
                       ar_arch="Gemma3ForCausalLM", d=d, layer=layer, n_layers=n_layers, scale=scale, seed=seed)
 
 
+def _random_model(cfg, *, device, dtype: torch.dtype, seed: int):
+    """A causal LM of `cfg` allocated straight on `device` in `dtype`, transformers' initialisers
+    skipped, then filled in place with N(0, 0.02) (RMSNorm weights 1 + N(0, 0.02), as a trained Qwen's
+    sit near 1). On a GPU a 7B model is ready in seconds where the stock CPU initialisers take minutes
+    and fp32 copies; every tensor is random, none zero, so nothing downstream is timed on zeros."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers before 5.x kept it here
+        from transformers.modeling_utils import no_init_weights
+
+    device = torch.device(device)
+    with torch.device(device), no_init_weights():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.02, generator=gen)
+            if name.endswith("norm.weight"):
+                p.add_(1.0)
+    return model.eval()
+
+
+class _Steps:
+    """Wall seconds per build step, into `timings` when the caller passed a dict (GPU work is
+    synchronised first, so a step's time is its own)."""
+
+    def __init__(self, timings: dict | None, device=None):
+        self.timings, self.device = timings, device
+
+    def __call__(self, name: str):
+        import contextlib
+        import time
+
+        @contextlib.contextmanager
+        def step():
+            t0 = time.perf_counter()
+            yield
+            if self.timings is not None:
+                if self.device is not None and torch.device(self.device).type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self.timings[name] = round(time.perf_counter() - t0, 2)
+
+        return step()
+
+
 def build_qwen(out: str | Path, tokenizer=None, *, depth: str = "release", hub_cache: bool = True,
-               d: int = D_MODEL, seed: int = 10) -> StandIn:
-    """Qwen2 stand-in: Qwen2ForCausalLM base and AV (untied head), AR cut to blocks 0..K."""
+               d: int = D_MODEL, seed: int = 10, size: dict | None = None, device=None,
+               dtype: torch.dtype = torch.bfloat16, shards: int = SHARDS, timings: dict | None = None) -> StandIn:
+    """Qwen2 stand-in: Qwen2ForCausalLM base and AV (untied head), AR cut to blocks 0..K.
+
+    `size`: Qwen2Config fields replacing the tiny widths (QWEN25_7B for the real model; with
+    depth="release" that is Qwen2.5-7B at its real config). `device`: build there, uninitialised, then
+    N(0, 0.02) in place (`_random_model`, in `dtype`), and perturb the AV/AR on that device; None keeps
+    the small CPU build (transformers' own init, seeded). `shards`: safetensors files per role (the
+    released Qwen2.5-7B has 4). `timings`: filled with seconds per step."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     out = Path(out)
     tok = tokenizer or qwen_tokenizer()
     n_layers, layer = DEPTHS[depth]["qwen"]
     endoftext, im_end = tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|im_end|>")
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
+    widths = {"vocab_size": len(tok), "hidden_size": d, "intermediate_size": 2 * d, "num_attention_heads": 4,
+              "num_key_value_heads": 2, **(size or {})}
+    d = widths["hidden_size"]
+    cfg = Qwen2Config(**widths, num_hidden_layers=n_layers, max_position_embeddings=32768,
                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6,
                       tie_word_embeddings=False, use_sliding_window=False, sliding_window=131072,
                       max_window_layers=n_layers, bos_token_id=endoftext, eos_token_id=im_end)
-    torch.manual_seed(seed)
-    base = Qwen2ForCausalLM(cfg).eval()
-    scale = _measure_scale(base, tok, layer)
+    steps = _Steps(timings, device)
+    with steps("init"):
+        if device is None:
+            torch.manual_seed(seed)
+            base = Qwen2ForCausalLM(cfg).eval()
+        else:
+            base = _random_model(cfg, device=device, dtype=dtype, seed=seed)
+    with steps("measure_injection_scale"):
+        scale = _measure_scale(base, tok, layer)
     gen = GenerationConfig(bos_token_id=endoftext, eos_token_id=[im_end, endoftext], pad_token_id=endoftext,
                            do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
     state = dict(base.state_dict())
@@ -419,31 +498,43 @@ def build_qwen(out: str | Path, tokenizer=None, *, depth: str = "release", hub_c
                 if not (k.startswith("model.layers.") and int(k.split(".")[2]) > layer)}
     return _save_pair("qwen", out, hub_cache, tok, state=state, hub_key=lambda k: k, config=base.config,
                       arch="Qwen2ForCausalLM", gen=gen, ar_state=ar_state, ar_config=ar_cfg,
-                      ar_arch="Qwen2ForCausalLM", d=d, layer=layer, n_layers=n_layers, scale=scale, seed=seed)
+                      ar_arch="Qwen2ForCausalLM", d=d, layer=layer, n_layers=n_layers, scale=scale, seed=seed,
+                      shards=shards, steps=steps)
 
 
 def _save_pair(family: str, out: Path, hub_cache: bool, tok, *, state: dict, hub_key, config, arch: str, gen,
                ar_state: dict, ar_config, ar_arch: str, d: int, layer: int, n_layers: int, scale: float,
-               seed: int) -> StandIn:
+               seed: int, shards: int = SHARDS, steps: _Steps | None = None) -> StandIn:
     """Write a family's base, AV (the base perturbed, as fine-tuning would) and AR (cut to blocks
     0..K, perturbed) in the released layout: sharded safetensors under the hub's key names, configs,
-    generation config, tokenizer files, the AR's value head and both sidecars."""
+    generation config, tokenizer files, the AR's value head and both sidecars. `steps` times each part."""
+    steps = steps or _Steps(None)
     rel = RELEASED[family]
     dirs = _role_dirs(family, out, hub_cache)
-    for role, st in (("base", state), ("av", _perturbed(state, 0.02, seed + 1))):
-        save_sharded({hub_key(k): v for k, v in st.items()}, dirs[role])
-        _write_config(config, dirs[role], [arch])
-        gen.save_pretrained(dirs[role])
-    save_sharded(_perturbed(ar_state, 0.02, seed + 2), dirs["ar"])
-    _write_config(ar_config, dirs["ar"], [ar_arch])
-    _tokenizer_files(tok, [dirs["base"], dirs["av"], dirs["ar"]])
-    _write_value_head(dirs["ar"], d, seed + 3)
-    stands = {k: rel[k] for k in ("base", "av", "ar", "layer", "d_model")}
-    for role in ("av", "ar"):
-        _write_sidecar(dirs[role], sidecar_dict(role, tok, d_model=d, layer=layer, injection_scale=scale,
-                                                stands_in_for={**stands, "checkpoint": rel[role]}))
+    with steps("save_base"):
+        _save_role(state, dirs["base"], hub_key, config, arch, gen, shards)
+    with steps("perturb_and_save_av"):
+        # one role's perturbed copy alive at a time: on a GPU a 7B state is 15 GB per copy
+        _save_role(_perturbed(state, 0.02, seed + 1), dirs["av"], hub_key, config, arch, gen, shards)
+    with steps("perturb_and_save_ar"):
+        save_sharded(_perturbed(ar_state, 0.02, seed + 2), dirs["ar"], n_shards=shards)
+        _write_config(ar_config, dirs["ar"], [ar_arch])
+    with steps("tokenizer_value_head_sidecars"):
+        _tokenizer_files(tok, [dirs["base"], dirs["av"], dirs["ar"]])
+        _write_value_head(dirs["ar"], d, seed + 3)
+        stands = {k: rel[k] for k in ("base", "av", "ar", "layer", "d_model")}
+        for role in ("av", "ar"):
+            _write_sidecar(dirs[role], sidecar_dict(role, tok, d_model=d, layer=layer, injection_scale=scale,
+                                                    stands_in_for={**stands, "checkpoint": rel[role]}))
     return StandIn(family, dirs["base"], dirs["av"], dirs["ar"], layer, n_layers, d, scale, dict(rel),
                    out if hub_cache else None)
+
+
+def _save_role(state: dict, directory: Path, hub_key, config, arch: str, gen, shards: int) -> None:
+    """One full-model role (base or AV): weights under the hub's key names, config, generation config."""
+    save_sharded({hub_key(k): v for k, v in state.items()}, directory, n_shards=shards)
+    _write_config(config, directory, [arch])
+    gen.save_pretrained(directory)
 
 
 # ---------------------------------------------------------------------------------------------
