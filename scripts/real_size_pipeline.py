@@ -1023,6 +1023,10 @@ def main(argv: list[str] | None = None) -> int:
     from nla_ray.core.table import write_json, write_text
 
     prov = provenance(PRESET + (" (tiny stand-in)" if a.tiny else " (random-weight stand-in at the real size)"))
+    if argv is not None:  # called in-process (tests): the command is this script's, not the caller's argv
+        import shlex
+
+        prov["command"] = " ".join(["python", "scripts/real_size_pipeline.py", *map(shlex.quote, argv)])
     sampler = GpuMemorySampler(a.sample_interval)
     if not a.summarise_only:
         sampler.start()

@@ -24,7 +24,7 @@ def _ray_bin() -> str:
 def _stop_head(session: str, port: str) -> None:
     """Stop only the head this test started. `ray stop` would kill every Ray process on the machine,
     including a user's own cluster or job running beside the tests."""
-    stop_processes_with(session)
+    stop_processes_with(session, timeout=5)  # Ray processes that ignore SIGTERM get SIGKILL after 5 s
     # `ray stop` also forgets the head; without this, a later ray.init() would try to join it.
     current = Path("/tmp/ray/ray_current_cluster")
     if current.is_file() and current.read_text().strip().endswith(f":{port}"):  # Ray writes the host's IP
