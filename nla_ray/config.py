@@ -60,6 +60,9 @@ class AVConfig:
     # Rows decoded at once inside the AV pool's batch: null = the whole batch; an int caps it; "auto"
     # sizes it from the free GPU memory and the KV cache at max_new_tokens (fast_decode.auto_batch_size).
     decode_batch: Any = None
+    # The fast decoder's attention step: auto (FlashAttention-2 where it runs, else masked SDPA),
+    # triton (nla_ray/nla/decode_kernel.py, opt-in until timed on a GPU), flash or sdpa.
+    attn: str = "auto"
 
 
 @dataclass
@@ -122,6 +125,8 @@ def _build(cls, data: dict, where: str):
     if cls is AVConfig:
         if out.backend not in AV_BACKENDS:
             raise ValueError(f"{where}.backend: {out.backend!r} is not one of {list(AV_BACKENDS)}")
+        if out.attn not in ("auto", "triton", "flash", "sdpa"):
+            raise ValueError(f"{where}.attn: {out.attn!r} is not one of ['auto', 'triton', 'flash', 'sdpa']")
         db = out.decode_batch
         if isinstance(db, str) and db.strip().lstrip("-").isdigit():  # --set av.decode_batch=64 arrives as text
             db = out.decode_batch = int(db)

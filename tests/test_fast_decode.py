@@ -367,3 +367,12 @@ def test_decode_batch_splits_and_pads_without_changing_rows(engine):
         assert eng.generate(vec, max_new_tokens=9) == whole
     with pytest.raises(ValueError, match="decode_batch must be"):
         AVEngine(engine.model, engine.tok, engine.meta, decode_batch=0)
+
+
+def test_the_engine_passes_its_attention_step_to_the_decoder(engine):
+    eng = AVEngine(engine.model, engine.tok, engine.meta, max_new_tokens=MAX_NEW, backend="fast", attn="sdpa")
+    assert decoder_for(eng).attn == "sdpa"
+    eng.attn = "flash"  # a changed choice builds a new decoder rather than reusing the old one
+    assert decoder_for(eng).attn == "flash"
+    with pytest.raises(ValueError, match="attn 'nope' not in"):
+        AVEngine(engine.model, engine.tok, engine.meta, attn="nope")

@@ -55,7 +55,7 @@ class AVEngine:
     """Batched vector -> explanation. One instance per model; thread-unsafe, like a torch model."""
 
     def __init__(self, model, tokenizer, meta: NlaMeta, *, max_new_tokens: int = 150,
-                 backend: str = "loop", decode_batch: int | str | None = None):
+                 backend: str = "loop", decode_batch: int | str | None = None, attn: str = "auto"):
         if meta.role != "av":
             raise ValueError(f"{meta.path}: role is {meta.role!r}, an AV engine needs role av")
         self.model, self.tok, self.meta = model, tokenizer, meta
@@ -78,6 +78,12 @@ class AVEngine:
             raise ValueError(f"decode_batch must be a positive int, 'auto' or None, got {decode_batch!r}")
         self.decode_batch = decode_batch
         self.last_decode_batch: int | None = None
+        # The fast decoder's attention step (fast_decode.ATTN_CHOICES); only the fast/fused backends use it.
+        from nla_ray.nla.fast_decode import ATTN_CHOICES
+
+        if attn not in ATTN_CHOICES:
+            raise ValueError(f"attn {attn!r} not in {ATTN_CHOICES}")
+        self.attn = attn
 
     def _stop_ids(self) -> list[int]:
         ids = set()

@@ -453,8 +453,10 @@ def _windows(cfg) -> list[int | None]:
 
 
 # The decode step's attention: "triton" (nla_ray.nla.decode_kernel), "flash" (FlashAttention-2's
-# varlen kernel), "sdpa" (masked SDPA over a key-length bucket); "auto" takes the first that runs.
+# varlen kernel), "sdpa" (masked SDPA over a key-length bucket); "auto" takes the first of AUTO_ATTN
+# that runs here, else sdpa.
 ATTN_CHOICES = ("auto", "triton", "flash", "sdpa")
+AUTO_ATTN = ("flash",)
 
 
 def _pick(logits, banned, seeds, step, done, stop, temperature: float, has_banned: bool):
@@ -505,8 +507,10 @@ class _Session:
         softcap = getattr(cfg, "attn_logit_softcapping", None)
         why_not = {}
         self.kernel = "sdpa"
+        # "auto" tries flash only: the Triton step is opt-in (attn="triton") until it has been timed
+        # on a GPU against the others (bench backend fused-triton); flash was timed (no slower).
         for name, status in (("triton", triton_decode_status), ("flash", flash_decode_status)):
-            if attn in ("auto", name):
+            if attn == name or (attn == "auto" and name in AUTO_ATTN):
                 why_not[name] = status(dev, self.dtype, head_dim, softcap)
                 if why_not[name] is None:
                     self.kernel = name
@@ -877,8 +881,9 @@ def decoder_for(engine) -> FastDecoder:
     fuse = True if engine.backend == "fused" and next(engine.model.parameters()).is_cuda else None
     # A decoder that already fell back from fused kernels (fuse_error set) is kept, not rebuilt.
     if dec is None or dec.model is not engine.model or dec.stop_ids != [int(i) for i in engine.stop_ids] \
+            or dec.attn != getattr(engine, "attn", "auto") \
             or (dec.fuse != (fuse and "inductor") and dec.fuse_error is None):
-        dec = FastDecoder(engine.model, stop_ids=engine.stop_ids, fuse=fuse)
+        dec = FastDecoder(engine.model, stop_ids=engine.stop_ids, fuse=fuse, attn=getattr(engine, "attn", "auto"))
         engine._fast_decoder = dec
     return dec
 

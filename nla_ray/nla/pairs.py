@@ -251,7 +251,7 @@ def apply_adapter(model, directory: str | Path):
 
 
 def load_av(directory: str | Path, *, device=None, dtype=None, max_new_tokens: int = 150,
-            backend: str = "loop", decode_batch=None) -> AVEngine:
+            backend: str = "loop", decode_batch=None, attn: str = "auto") -> AVEngine:
     from transformers import AutoTokenizer
 
     directory = Path(directory)
@@ -263,7 +263,8 @@ def load_av(directory: str | Path, *, device=None, dtype=None, max_new_tokens: i
     wpath, tpath = _weights_and_tokenizer(directory, meta)
     tok = AutoTokenizer.from_pretrained(tpath, trust_remote_code=remote_code_allowed())
     model = apply_adapter(load_causal_lm(wpath, device=dev, dtype=dt), directory)
-    return AVEngine(model, tok, meta, max_new_tokens=max_new_tokens, backend=backend, decode_batch=decode_batch)
+    return AVEngine(model, tok, meta, max_new_tokens=max_new_tokens, backend=backend, decode_batch=decode_batch,
+                    attn=attn)
 
 
 def load_ar(directory: str | Path, *, device=None, dtype=None) -> AREngine:

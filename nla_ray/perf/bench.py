@@ -44,15 +44,16 @@ import torch
 SCHEMA = "nla_ray.bench/1"
 DEFAULT_BATCHES = (32, 64, 128, 256, 512)
 # fast = static cache + CUDA graphs; fused = fast + compiled norms/rotary/sampling (fast_decode `fuse=`);
-# both take the flash decode step where it can run (bf16 on a GPU). fused-sdpa = fused with the
-# masked SDPA step instead, the previous path, kept to measure what the flash step changes.
-BACKENDS = ("hf", "fast", "fused", "fused-sdpa")
-FAST_BACKENDS = ("fast", "fused", "fused-sdpa")
+# both take the decoder's default attention step (flash where it runs, else masked SDPA). fused-sdpa /
+# fused-triton = fused with that step, to measure what each changes (triton is opt-in until timed).
+BACKENDS = ("hf", "fast", "fused", "fused-sdpa", "fused-triton")
+FAST_BACKENDS = ("fast", "fused", "fused-sdpa", "fused-triton")
 
 
 def fast_options(backend: str) -> dict:
-    return {"fuse": True if backend.startswith("fused") else None,
-            "attn": "sdpa" if backend.endswith("-sdpa") else "auto"}
+    """fused-<attn>: fused with that decode attention step; fast / fused: the decoder's default (auto)."""
+    attn = backend.split("-", 1)[1] if "-" in backend else "auto"
+    return {"fuse": True if backend.startswith("fused") else None, "attn": attn}
 
 
 # The correctness check (every fast backend, greedy): its size, and the bars it must clear. Per-step
@@ -1079,9 +1080,10 @@ def render_markdown(summary: dict) -> str:
                          f"{_pct(r['roofline']['fraction'])} |")
     lines += ["", "## AV sampling (prefill + fixed-length decode)", "",
               "hf = `model.generate`; fast = static KV cache + CUDA-graph decode step; fused = fast with RMSNorm, "
-              "rotary and sampling maths compiled (`torch.compile`) into fewer kernels; fast and fused take the first "
-              "decode attention that runs here (attn: triton = nla_ray/nla/decode_kernel.py, then flash = "
-              "FlashAttention-2 varlen, then sdpa = masked SDPA over a key bucket); fused-sdpa keeps the masked step. "
+              "rotary and sampling maths compiled (`torch.compile`) into fewer kernels; fast and fused take the "
+              "decoder's default attention step (attn: flash = FlashAttention-2 varlen where it runs, else sdpa = "
+              "masked SDPA over a key bucket); fused-sdpa / fused-triton force that step (triton = "
+              "nla_ray/nla/decode_kernel.py). "
               "Speedup is against hf at the same batch and temperature, in the same process: median ratio "
               "[slowest hf rep / fastest fast rep, fastest hf / slowest fast]. Spread = (max - min) / median of "
               "the repetitions.", "",
@@ -1166,7 +1168,8 @@ def render_figure(summary: dict, path: Path) -> None:
         av = m.get("av")
         if not isinstance(av, dict):
             continue
-        for backend, style in (("hf", "--o"), ("fast", "-s"), ("fused", "-^"), ("fused-sdpa", ":v")):
+        for backend, style in (("hf", "--o"), ("fast", "-s"), ("fused", "-^"), ("fused-sdpa", ":v"),
+                               ("fused-triton", "-.d")):
             runs = sorted((r for r in av.get("runs", []) if r["backend"] == backend and r.get("status") == "ok"
                            and r.get("temperature", av.get("temperature")) == av.get("temperature")),
                           key=lambda r: r["batch"])

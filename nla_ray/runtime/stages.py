@@ -428,12 +428,12 @@ class Verbalize(Stage):
     def __init__(self, name: str, num_cpus: float, *, av_dir: str, dtype: str = "auto", seed: int = 42,
                  temperature: float = 0.0, n_samples: int = 1, max_new_tokens: int = 150,
                  banned_chars: list | None = None, backend: str = "loop", src: str = "", out: str = "",
-                 decode_batch=None):
+                 decode_batch=None, attn: str = "auto"):
         super().__init__(name, num_cpus)
         from nla_ray.nla import pairs
 
         self.av = pairs.load_av(av_dir, dtype=dtype, max_new_tokens=max_new_tokens, backend=backend,
-                                decode_batch=decode_batch)
+                                decode_batch=decode_batch, attn=attn)
         self.banned = self.av.banned_ids_for(banned_chars) if banned_chars else None
         self.seed, self.temperature, self.n_samples = seed, temperature, max(1, n_samples)
         self.src, self.out = src, out
@@ -574,7 +574,7 @@ def av_spec(cfg, av_dir: str, *, name: str = "av", src: str = "", out: str = "",
     pool, a = pool or cfg.pools["av"], cfg.av
     kw = dict(av_dir=str(av_dir), dtype=pool.dtype, seed=cfg.seed, temperature=a.temperature, n_samples=a.n_samples,
               max_new_tokens=a.max_new_tokens, banned_chars=list(a.banned_chars), backend=a.backend, src=src, out=out,
-              decode_batch=a.decode_batch)
+              decode_batch=a.decode_batch, attn=a.attn)
     kw.update(override)
     return StageSpec(Verbalize, name, pool, kw)
 
