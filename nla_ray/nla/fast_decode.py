@@ -802,7 +802,8 @@ class FastDecoder:
                 clock.mark("decode")
         toks = sess.out[:, :n_steps].clone()  # the buffer is overwritten by the next call
         self.last = {"n_steps": n_steps, "graphs": bool(sess.graphs), "graph_error": sess.graph_error,
-                     "shared_prefix": sess.prefix_len, "attn": sess.kernel, "flash": sess.flash, "flash_why_not": sess.flash_why_not,
+                     "shared_prefix": sess.prefix_len, "attn": sess.kernel, "flash": sess.flash,
+                     "flash_why_not": sess.flash_why_not,
                      "attn_why_not": sess.why_not,
                      "capture_s": sess.capture_s, "buckets": list(sess.buckets)}
         if clock:

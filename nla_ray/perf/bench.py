@@ -787,7 +787,7 @@ def bench_av(model, counts: Counts, plan: StagePlan, *, backends, ceilings, devi
             else:
                 r = bench_av_fast(model, emb, new=plan.av_new, temperature=temp, device=device,
                                   reps=reps, warmup=warmup, kv_bucket=kv_bucket, backend=backend,
-                                  profile=profile and b == biggest and backend == "fused")
+                                  profile=profile and b == biggest and backend in ("fused", "fused-triton"))
             work = counts.generation(b, plan.av_prompt, plan.av_new, shared_prefix=plan.av_slot)
             r["roofline"] = roofline(r["median_s"], work["flops"], work["bytes"], ceilings)
             if "decode_s" in r:
@@ -1145,13 +1145,14 @@ def render_markdown(summary: dict) -> str:
              for r in m["av"].get("runs", []) if r.get("profile")]
     if profs:
         kinds = [kd for kd, _ in KERNEL_KINDS] + ["other"]
-        lines += ["", "Where a decode token's GPU time goes (fused, largest batch; torch.profiler over one generate "
+        lines += ["", "Where a decode token's GPU time goes (fused and fused-triton, largest batch; torch.profiler "
+                  "over one generate "
                   "call, CUDA-graph replays included; ms per token by kernel family; idle = wall - kernel time).", "",
-                  "| model | batch | T | " + " | ".join(kinds) + " | kernels / token | idle |",
-                  "|---|---|---|" + "---|" * len(kinds) + "---|---|"]
+                  "| model | backend | batch | T | " + " | ".join(kinds) + " | kernels / token | idle |",
+                  "|---|---|---|---|" + "---|" * len(kinds) + "---|---|"]
         for n, r in profs:
             p = r["profile"]
-            lines.append(f"| {n} | {r['batch']} | {_fmt(r['temperature'], 'g')} | "
+            lines.append(f"| {n} | {r['backend']} | {r['batch']} | {_fmt(r['temperature'], 'g')} | "
                          + " | ".join(_fmt(p['per_token_ms'].get(kd), '.2f') for kd in kinds)
                          + f" | {p['kernels_per_token']:.0f} | {_pct(p['idle_fraction'])} |")
     return "\n".join(lines) + "\n"
