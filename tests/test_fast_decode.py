@@ -316,14 +316,24 @@ for model in models:
         assert dec.last["attn"] == "triton" and dec.session.splits == splits
         assert torch.equal(got, plain), (type(model).__name__, splits, got, plain)
 assert fd.triton_decode_status("cpu", torch.float32, 24) == "head_dim 24 is not a power of two >= 16"
+# The kernel alone in half precision (the interpreter's fp16 dot is right; its bf16 one is not), with
+# Qwen2.5-7B's grouping (7 query heads per KV head) and head_dim, split and windowed.
+g = torch.Generator().manual_seed(0)
+q = torch.randn(3, 14, 1, 128, generator=g).half()
+kb, vb = (torch.randn(3, 90, 2, 128, generator=g).half() for _ in range(2))
+used = torch.tensor([1, 37, 90], dtype=torch.int32)
+for window, splits in ((None, 1), (None, 4), (16, 2)):
+    got = decode_kernel.decode_attention(q, kb.transpose(1, 2), vb.transpose(1, 2), used, None, window, splits)
+    err = float((got.float() - fd._reference_decode(q, kb, vb, used, window)).abs().max())
+    assert err < 2e-3, (window, splits, err)
 print("TRITON-OK")
 """
 
 
 def test_triton_decode_kernel_matches_the_masked_step():
     """The Triton decode kernel (nla_ray/nla/decode_kernel.py) runs on a CPU only in Triton's
-    interpreter, and only for fp32 (its bf16 dot is wrong: bf16 is checked on the GPU by the
-    kernel's self-test and the bench's logits check). The interpreter must be chosen before Triton
+    interpreter, which is right for fp32 and fp16 but not bf16 (its bf16 dot is wrong: bf16 is
+    checked on the GPU by the kernel's self-test and the bench's logits check). The interpreter must be chosen before Triton
     is first imported, and torch imports it early, so this runs in a fresh process. Greedy tokens
     must equal the masked SDPA step's, with one pass and with the keys split across programs, on a
     Llama and on a Gemma-3 whose window (8) is shorter than the prompt (the kernel's lower bound),
