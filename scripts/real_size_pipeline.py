@@ -379,42 +379,26 @@ def pool_memory(samples: list, t0: float, t1: float, workers: dict, host: str | 
 # rates, busy fractions, the bench
 
 
-def stage_spans(table, stage: str) -> list[tuple[float, float, str]]:
-    """The distinct batches (t0, t1, worker) of `stage` in `table`, from its rows' stamps (the rule of
-    nla_ray.runtime.pipeline.stage_timeline, unrounded: a tiny window would drown in its 1 ms rounding)."""
-    import numpy as np
-
-    cols = [f"{stage}_t0", f"{stage}_t1", f"{stage}_worker"]
-    if any(c not in table.column_names for c in cols):
-        return []
-    t0 = np.asarray(table.column(cols[0]).to_numpy(zero_copy_only=False), dtype=float)
-    t1 = np.asarray(table.column(cols[1]).to_numpy(zero_copy_only=False), dtype=float)
-    w = table.column(cols[2]).to_pylist()
-    return sorted({(float(a), float(b), x) for a, b, x in zip(t0, t1, w)
-                   if isinstance(x, str) and x and np.isfinite(a) and np.isfinite(b)})
-
-
 def window_stats(table, stages) -> dict:
     """Rows (position >= 0) over the streaming window of `stages` (first batch start to last batch
     end, as jobs/pipeline_scaling.py), each stage's busy seconds (the sum of its batch spans) and busy
-    fraction of that window. Other stages' stamps are ignored: a best_of_n trial's rows may carry
-    those of an extraction that ran long before it."""
+    fraction of that window, from nla_ray.runtime.pipeline.stage_timeline. Other stages' stamps are
+    ignored: a best_of_n trial's rows may carry those of an extraction that ran long before it."""
     import numpy as np
 
-    spans = {s: stage_spans(table, s) for s in stages}
-    spans = {s: v for s, v in spans.items() if v}
-    if not spans:
+    from nla_ray.runtime.pipeline import stage_timeline
+
+    timeline = stage_timeline(table)["stages"]
+    got = {s: timeline[s] for s in stages if s in timeline}
+    if not got:
         return {"missing": f"no row carries stamps of {list(stages)}"}
-    start = min(a for v in spans.values() for a, _, _ in v)
-    end = max(b for v in spans.values() for _, b, _ in v)
+    start = min(v["start"] for v in got.values())
+    end = max(v["end"] for v in got.values())
     window = end - start
     rows = int(np.sum(np.asarray(table.column("position").to_numpy(zero_copy_only=False)) >= 0))
-    st = {}
-    for s, v in spans.items():
-        busy = sum(b - a for a, b, _ in v)
-        st[s] = {"busy_s": round(busy, 4), "busy_fraction": busy / window if window > 0 else None,
-                 "batches": len(v), "start_rel_s": round(min(a for a, _, _ in v) - start, 3),
-                 "end_rel_s": round(max(b for _, b, _ in v) - start, 3), "workers": sorted({x for _, _, x in v})}
+    st = {s: {"busy_s": v["busy_s"], "busy_fraction": v["busy_s"] / window if window > 0 else None,
+              "batches": v["batches"], "start_rel_s": round(v["start"] - start, 3),
+              "end_rel_s": round(v["end"] - start, 3), "workers": v["workers"]} for s, v in got.items()}
     return {"rows": rows, "window_s": round(window, 4), "start": start, "end": end,
             "rows_per_s": rows / window if window > 0 else None, "stages": st}
 

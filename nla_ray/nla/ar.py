@@ -63,14 +63,14 @@ class AREngine:
         # Per row of the last `reconstruct` call: was its prompt cut to max_length? (counted per row
         # by the AR stage, so a run says how many explanations were scored on a truncated text)
         self.last_truncated = np.zeros(0, dtype=bool)
-        self._cut: list[bool] = []
+        self._cut: list[bool] = []  # per row of the last `encode` call (replaced, not grown: SFT encodes often)
 
     @property
     def device(self):
         return next(self.backbone.parameters()).device
 
     def encode(self, explanations: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rows = []
+        rows, self._cut = [], []
         for e in explanations:
             ids = self.tok(T.ar_prompt(self.meta.ar_template, e), add_special_tokens=True)["input_ids"]
             cut = len(ids) > self.max_length
@@ -96,12 +96,12 @@ class AREngine:
 
     @torch.no_grad()
     def reconstruct(self, explanations: Sequence[str], batch_size: int = 32) -> np.ndarray:
-        self._cut = []
         if len(explanations) == 0:
             self.last_truncated = np.zeros(0, dtype=bool)
             return np.zeros((0, self.meta.d_model), dtype=np.float32)
-        outs = []
+        outs, cut = [], []
         for i in range(0, len(explanations), batch_size):
             outs.append(self.head(self.hidden_last(explanations[i:i + batch_size])).cpu().numpy())
-        self.last_truncated = np.array(self._cut, dtype=bool)
+            cut += self._cut
+        self.last_truncated = np.array(cut, dtype=bool)
         return np.concatenate(outs).astype(np.float32)

@@ -84,6 +84,7 @@ class AVEngine:
         if attn not in ATTN_CHOICES:
             raise ValueError(f"attn {attn!r} not in {ATTN_CHOICES}")
         self.attn = attn
+        self._auto_sizes: dict = {}  # (max_new, sampling) -> rows that fit, sized once ("auto")
 
     def _stop_ids(self) -> list[int]:
         ids = set()
@@ -171,7 +172,7 @@ class AVEngine:
         from nla_ray.nla.fast_decode import auto_batch_size
 
         key = (max_new, sampling)
-        sizes = self.__dict__.setdefault("_auto_sizes", {})
+        sizes = self._auto_sizes
         if key not in sizes:
             # Sized once per (token budget, sampling): the fast decoder's last session (its cache and
             # graphs) is handed back first, so the free memory counts it as available.

@@ -71,7 +71,7 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
 
         win = window if window is not None and window < sess.max_len else None
         return decode_attention(query, key, value, sess.seqused, scaling, win, sess.splits), None
-    if q_len == 1 and sess.flash and (window is None or window >= sess.max_len):
+    if q_len == 1 and sess.kernel == "flash" and (window is None or window >= sess.max_len):
         return _flash_decode(sess, query, key, value, scaling), None
     if q_len == 1:
         n = sess.kv_len
@@ -163,10 +163,7 @@ def flash_decode_status(device, dtype, head_dim: int, softcap=None) -> str | Non
                 return ar * grp, ar * s_max
 
         got = _flash_decode(_S, q, kb.transpose(1, 2), vb.transpose(1, 2), None)
-        k = kb.transpose(1, 2)[:, :, :used].repeat_interleave(group, dim=1)
-        v = vb.transpose(1, 2)[:, :, :used].repeat_interleave(group, dim=1)
-        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).transpose(1, 2)
-        err = float((got.float() - ref).abs().max())
+        err = float((got.float() - _reference_decode(q, kb, vb, _S.seqused, None)).abs().max())
         if not err < 2e-2:
             return f"flash decode disagrees with SDPA on a self-test (max abs error {err:.3g})"
     except Exception as e:  # noqa: BLE001 - any failure means: use the masked SDPA step
@@ -517,9 +514,7 @@ class _Session:
                     break
                 if attn == name:
                     raise ValueError(f"attn={name!r} cannot run here: {why_not[name]}")
-        self.flash = self.kernel == "flash"
         self.why_not = why_not  # each faster kernel tried and why it could not run
-        self.flash_why_not = why_not.get("flash") if not self.flash else None
         self.seqused = torch.zeros(batch, dtype=torch.int32, device=dev)  # keys each row attends
         self._offsets: dict = {}
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -531,7 +526,7 @@ class _Session:
         # Layers the triton/flash steps serve need no key-length buckets: they read up to the position
         # themselves. Under flash, sliding layers the decode can outgrow keep the masked step (and buckets).
         one_graph = self.kernel == "triton" or (
-            self.flash and all(w is None or w >= self.max_len for w in _windows(cfg)))
+            self.kernel == "flash" and all(w is None or w >= self.max_len for w in _windows(cfg)))
         self.buckets = kv_buckets(prompt_len, max_new, 0 if one_graph else kv_bucket)
         self.fuse = fuse
         self.kv_len = self.max_len
@@ -802,8 +797,8 @@ class FastDecoder:
                 clock.mark("decode")
         toks = sess.out[:, :n_steps].clone()  # the buffer is overwritten by the next call
         self.last = {"n_steps": n_steps, "graphs": bool(sess.graphs), "graph_error": sess.graph_error,
-                     "shared_prefix": sess.prefix_len, "attn": sess.kernel, "flash": sess.flash,
-                     "flash_why_not": sess.flash_why_not,
+                     "shared_prefix": sess.prefix_len, "attn": sess.kernel, "flash": sess.kernel == "flash",
+                     "flash_why_not": sess.why_not.get("flash"),
                      "attn_why_not": sess.why_not,
                      "capture_s": sess.capture_s, "buckets": list(sess.buckets)}
         if clock:
@@ -882,9 +877,9 @@ def decoder_for(engine) -> FastDecoder:
     fuse = True if engine.backend == "fused" and next(engine.model.parameters()).is_cuda else None
     # A decoder that already fell back from fused kernels (fuse_error set) is kept, not rebuilt.
     if dec is None or dec.model is not engine.model or dec.stop_ids != [int(i) for i in engine.stop_ids] \
-            or dec.attn != getattr(engine, "attn", "auto") \
+            or dec.attn != engine.attn \
             or (dec.fuse != (fuse and "inductor") and dec.fuse_error is None):
-        dec = FastDecoder(engine.model, stop_ids=engine.stop_ids, fuse=fuse, attn=getattr(engine, "attn", "auto"))
+        dec = FastDecoder(engine.model, stop_ids=engine.stop_ids, fuse=fuse, attn=engine.attn)
         engine._fast_decoder = dec
     return dec
 
