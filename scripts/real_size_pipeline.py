@@ -369,7 +369,9 @@ def pool_memory(samples: list, t0: float, t1: float, workers: dict, host: str | 
         if pid not in mapped:
             name = next((k for k, v in (own_pids or {}).items() if v == pid), None)
             out["other_pids"][str(pid)] = {"peak_mib": mib, **({"is": name} if name else {})}
-    if peak_pid and all(not (Path("/proc") / str(p)).exists() for p in peak_pid):
+    # Checked after the job, when its workers have exited: only meaningful when no pool was mapped
+    # (the first real-size run printed it beside three mapped pools).
+    if peak_pid and not mapped & set(peak_pid) and all(not (Path("/proc") / str(p)).exists() for p in peak_pid):
         out["note"] = ("no pid nvidia-smi reported exists in this pid namespace: per-pool peaks cannot be mapped; "
                        "card_peak_mib is the card's whole use")
     return out

@@ -386,3 +386,18 @@ def test_the_engine_passes_its_attention_step_to_the_decoder(engine):
     assert decoder_for(eng).attn == "flash"
     with pytest.raises(ValueError, match="attn 'nope' not in"):
         AVEngine(engine.model, engine.tok, engine.meta, attn="nope")
+
+
+def test_a_fixed_decode_batch_pads_a_short_call_to_one_session(engine):
+    """A pool's last, short batch decodes at the fixed decode batch (one captured session for the run),
+    and its samples equal an unpadded decode's."""
+    vec = torch.randn(3, D, generator=torch.Generator().manual_seed(11))
+    whole = engine.generate(vec, max_new_tokens=9)
+    eng = AVEngine(engine.model, engine.tok, engine.meta, max_new_tokens=MAX_NEW, backend="fast", decode_batch=4)
+    assert eng.generate(vec, max_new_tokens=9) == whole
+    assert decoder_for(eng).session.batch == 4
+    auto = AVEngine(engine.model, engine.tok, engine.meta, max_new_tokens=MAX_NEW, backend="fast", decode_batch="auto")
+    assert auto.generate(vec, max_new_tokens=9) == whole
+    assert decoder_for(auto).session.batch == 3  # "auto" is a ceiling, not a shape: no padding on a CPU
+    # warm_up runs only where there is something to compile and capture: a GPU
+    assert eng.warm_up() == 0.0

@@ -130,7 +130,11 @@ class AVEngine:
             return []
         max_new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         step = self._rows_at_once(n, max_new, temperature > 0)
-        if step < n:
+        # A fixed decode batch also pads a short call up to it (the fast decoder keeps one captured
+        # session per batch size: a pool's last, short batch would otherwise capture again); "auto"
+        # sizes a ceiling, not a shape, so a call under it decodes as it came.
+        pad_short = n < step and self.decode_batch not in (None, "auto") and self.backend in ("fast", "fused")
+        if step < n or pad_short:
             out = []
             for i in range(0, n, step):
                 chunk = vectors[i: i + step]
@@ -161,6 +165,24 @@ class AVEngine:
             else:
                 tokens = self._generate_loop(emb, temperature, seeds, banned_ids, max_new)
         return [self._finish(row) for row in tokens]
+
+    def warm_up(self, *, temperature: float = 0.0, banned_ids: Sequence[int] | None = None) -> float:
+        """Decode one full fixed-size batch of random vectors so compilation and graph capture happen
+        now (in a pool actor's `__init__`, while the pools upstream already work) rather than inside
+        the first real batch. Only for the fast backends on a GPU with a fixed decode batch; returns the
+        seconds it took (0.0 when skipped)."""
+        if self.backend not in ("fast", "fused") or self.device.type != "cuda" or self.decode_batch in (None, "auto"):
+            return 0.0
+        import time
+
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(0)
+        d = int(self.model.get_input_embeddings().weight.shape[1])
+        vecs = torch.randn(int(self.decode_batch), d, generator=g)
+        seeds = list(range(int(self.decode_batch))) if temperature > 0 else None
+        self.generate(vecs, temperature=temperature, seeds=seeds, banned_ids=banned_ids)
+        torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
 
     def _rows_at_once(self, n: int, max_new: int, sampling: bool) -> int:
         if self.decode_batch is None:

@@ -890,14 +890,20 @@ def fast_generate(engine, emb: torch.Tensor, temperature: float, seeds: Sequence
     from nla_ray.nla import templates as T
 
     tok = engine.tok
+    dec = decoder_for(engine)
+    # Only the tokens since the last check (plus the tag's length, for a tag split across two checks)
+    # can hold a new closing tag. Detokenising whole rows at every check, 256 rows x 200 tokens with
+    # the Qwen tokenizer, took 0.17 s of CPU per decode (the GPU waiting) against 0.035 s for the
+    # tails (measured on the dev machine's CPU); the decode itself takes ~2.2 s on an H200. Rows
+    # already done stay done either way.
+    window = dec.check_every + len(tok.encode(T.CLOSE_TAG, add_special_tokens=False)) + 2
 
     def closed_tag(toks: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
-        # The loop decodes every row every 8 steps; rows already done stay done either way.
-        rows, finished = toks.tolist(), done.tolist()
+        finished = done.tolist()
+        rows = toks[:, -window:].tolist()
         return torch.tensor([(not f) and T.CLOSE_TAG in tok.decode(r, skip_special_tokens=True)
                              for r, f in zip(rows, finished)], dtype=torch.bool)
 
-    dec = decoder_for(engine)
     toks = dec.generate(emb, temperature=temperature, seeds=seeds, banned_ids=banned_ids, max_new=max_new,
                         on_check=closed_tag)
     return [engine._trim_after_close(r) for r in toks.tolist()]

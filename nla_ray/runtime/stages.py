@@ -428,13 +428,21 @@ class Verbalize(Stage):
     def __init__(self, name: str, num_cpus: float, *, av_dir: str, dtype: str = "auto", seed: int = 42,
                  temperature: float = 0.0, n_samples: int = 1, max_new_tokens: int = 150,
                  banned_chars: list | None = None, backend: str = "loop", src: str = "", out: str = "",
-                 decode_batch=None, attn: str = "auto"):
+                 decode_batch=None, attn: str = "auto", batch_size: int | None = None):
         super().__init__(name, num_cpus)
         from nla_ray.nla import pairs
 
+        if decode_batch is None and backend in ("fast", "fused") and batch_size:
+            # One decode shape for the whole run: every call (the pool's batch x its samples) and the
+            # last, short one padded up to it share one captured session; see AVEngine.warm_up.
+            decode_batch = int(batch_size) * max(1, n_samples)
         self.av = pairs.load_av(av_dir, dtype=dtype, max_new_tokens=max_new_tokens, backend=backend,
                                 decode_batch=decode_batch, attn=attn)
         self.banned = self.av.banned_ids_for(banned_chars) if banned_chars else None
+        self.warmup_s = self.av.warm_up(temperature=temperature, banned_ids=self.banned)
+        if self.warmup_s:
+            print(f"[{name}] warmed up: a {self.av.decode_batch}-row decode (compile, graph capture) in "
+                  f"{self.warmup_s:.1f} s before the first batch", flush=True)
         self.seed, self.temperature, self.n_samples = seed, temperature, max(1, n_samples)
         self.src, self.out = src, out
 
@@ -574,7 +582,7 @@ def av_spec(cfg, av_dir: str, *, name: str = "av", src: str = "", out: str = "",
     pool, a = pool or cfg.pools["av"], cfg.av
     kw = dict(av_dir=str(av_dir), dtype=pool.dtype, seed=cfg.seed, temperature=a.temperature, n_samples=a.n_samples,
               max_new_tokens=a.max_new_tokens, banned_chars=list(a.banned_chars), backend=a.backend, src=src, out=out,
-              decode_batch=a.decode_batch, attn=a.attn)
+              decode_batch=a.decode_batch, attn=a.attn, batch_size=pool.batch_size)
     kw.update(override)
     return StageSpec(Verbalize, name, pool, kw)
 
