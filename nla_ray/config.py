@@ -60,8 +60,8 @@ class AVConfig:
     # Rows decoded at once inside the AV pool's batch: null = the whole batch; an int caps it; "auto"
     # sizes it from the free GPU memory and the KV cache at max_new_tokens (fast_decode.auto_batch_size).
     decode_batch: Any = None
-    # The fast decoder's attention step: auto (FlashAttention-2 where it runs, else masked SDPA),
-    # triton (nla_ray/nla/decode_kernel.py, opt-in until timed on a GPU), flash or sdpa.
+    # The fast decoder's attention step: auto (the Triton kernel of nla_ray/nla/decode_kernel.py where it
+    # runs and passes its self-test, else FlashAttention-2, else masked SDPA), triton, flash or sdpa.
     attn: str = "auto"
 
 

@@ -7,10 +7,10 @@
 #   NLA_RAY_GIT_COMMIT=<sha> bash scripts/device_speed.sh qwen2.5-7b
 #
 # What each call measures (jobs/bench.py): ceilings in the model's own process; extraction and AR;
-# the AV decode at batch 128 and 256, 200 new tokens, for HF generate (3 reps, spread reported), fused
-# (the default attention step: FlashAttention-2 where it runs) and fused-triton (the opt-in Triton
-# step), each greedy and sampled at T = 1 with per-row seeds; the teacher-forced logits check of each
-# fast backend; a kernel-time profile of both fused backends at batch 256. Then the whole pipeline at a
+# the AV decode at batch 128 and 256, 200 new tokens, for HF generate (3 reps, spread reported),
+# fused-flash (FlashAttention-2's step) and fused-triton (the Triton step, auto's first choice),
+# each greedy and sampled at T = 1 with per-row seeds; the teacher-forced logits check of each fast
+# backend; a kernel-time profile of both fused backends at batch 256. Then the whole pipeline at a
 # real size: scripts/device_real_size.sh with the Qwen summary as --bench.
 set -uo pipefail
 model=${1:?model: gemma3-27b or qwen2.5-7b}
@@ -19,7 +19,7 @@ export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/out}/$model
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-timeout 570 python3 jobs/bench.py --model "$model" --backends hf,fused,fused-triton --batch-sizes 128,256 \
+timeout 570 python3 jobs/bench.py --model "$model" --backends hf,fused-flash,fused-triton --batch-sizes 128,256 \
   --reps 3 --hf-reps 3 --sample-temperature 1.0 --profile --out "$out" --budget-s "${BUDGET_S:-470}" \
   > "$out/run.log" 2>&1
 echo "bench exit $?"

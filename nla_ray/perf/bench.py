@@ -44,10 +44,10 @@ import torch
 SCHEMA = "nla_ray.bench/1"
 DEFAULT_BATCHES = (32, 64, 128, 256, 512)
 # fast = static cache + CUDA graphs; fused = fast + compiled norms/rotary/sampling (fast_decode `fuse=`);
-# both take the decoder's default attention step (flash where it runs, else masked SDPA). fused-sdpa /
-# fused-triton = fused with that step, to measure what each changes (triton is opt-in until timed).
-BACKENDS = ("hf", "fast", "fused", "fused-sdpa", "fused-triton")
-FAST_BACKENDS = ("fast", "fused", "fused-sdpa", "fused-triton")
+# both take the decoder's default attention step (auto: Triton, else flash, else masked SDPA).
+# fused-sdpa / fused-flash / fused-triton = fused with that step, to measure what each changes.
+BACKENDS = ("hf", "fast", "fused", "fused-sdpa", "fused-flash", "fused-triton")
+FAST_BACKENDS = ("fast", "fused", "fused-sdpa", "fused-flash", "fused-triton")
 
 
 def fast_options(backend: str) -> dict:
@@ -63,11 +63,30 @@ def fast_options(backend: str) -> dict:
 CHECK = {"batch": 32, "new": 64, "top_k": 10, "min_top1": 0.97, "min_topk_overlap": 0.9, "min_distinct": 50}
 # Random N(0, 0.02) weights make attention nearly uniform, so every step's hidden state is the
 # context's average and greedy decoding emits one id for every row and step (seen on the 27B:
-# 1 distinct id): a check on such output shows nothing. The check's models get sharper attention
-# (query/key scaled so q.k logits have a std near 10), which makes each step depend on a few
-# specific earlier tokens and the greedy output vary. Timing runs use the same weights: scaling
-# changes no shape and no byte moved.
+# 1 distinct id): a check on such output shows nothing. Sharpening every layer's attention (q, k, v,
+# o times 4) made the output vary but made the model chaotic: on the H200 (Qwen2.5-7B, bf16) flash
+# and the Triton step each agreed with the plain pass on 0% of top-1 ids, because one bf16 rounding
+# flipped near-tied attention and the flip grew through 28 layers. Even a calm random model fails
+# the bar: its logits are ~Gaussian over ~150k ids, the top two are ~0.2 std apart, and a 28-62-layer
+# bf16 residual stream carries ~1% relative rounding noise, so ~5% of top-1 ids flip between two
+# correct kernels (measured on CPU stand-ins: 95% eager vs SDPA at 28 layers). So the check's models
+# get one trained-like circuit instead (`sharpen_attention`): layer 0 copies the token it attends to
+# into the residual stream and the LM head reads it back (tied, or the head a copy of the
+# embeddings), which gives each step a clear winner (median ~10 std above the rest) chosen by
+# attention over the context - it varies from step to step, and a wrong key, position or mask in a
+# decode step changes it. All other layers keep the plain random weights (no chaos to amplify).
+# SHARPEN scales layer 0's per-head q/k norms (Gemma: attention logits' std ~0.87 x SHARPEN**2 = 14
+# at head_dim 128, query_pre_attn_scalar 168); models without q/k norms get queries and keys scaled
+# so layer 0's logits have std COPY_LOGIT_STD whatever the width (N(0, 0.02) projections alone give
+# 0.0004 x hidden: 1.4 at 3584, so a fixed factor would be far sharper on the real model than on a
+# small stand-in). Timing runs use the same weights: no shape and no byte moved changes.
 SHARPEN = 4.0
+COPY_LOGIT_STD = 6.0
+# Layer 0's copy: o_proj = v_proj^T scaled so the copied embedding is COPY_GAIN times a unit-rms
+# token's projection (models without post-attention norms); Gemma's post-attention norm of layer 0
+# sets the copy's rms instead, to COPY_POST (its residual also holds sqrt(d)-scaled embeddings).
+COPY_GAIN = 20.0
+COPY_POST = 16.0
 # fused compiles kernels (inductor): on a GPU it is worth timing; on a CPU it needs a C++ toolchain.
 DEFAULT_BACKENDS = ("hf", "fast", "fused") if torch.cuda.is_available() else ("hf", "fast")
 
@@ -209,29 +228,49 @@ def build_model(spec: BenchModel, *, device: torch.device, dtype: torch.dtype, t
     return model.eval()
 
 
-def sharpen_attention(model, factor: float) -> int:
-    """Scale every layer's attention logits by about factor**2: Gemma's per-head q/k norms get the
-    scale `factor` (their weight w multiplies as 1 + w); models without them get q, k, v and o
-    projections (weights and biases) times `factor`. Returns the number of tensors changed."""
+def sharpen_attention(model, factor: float, gain: float = COPY_GAIN, post: float = COPY_POST) -> int:
+    """Give layer 0 a copy circuit (see SHARPEN): every query head takes head 0's query weights and
+    every key/value group group 0's key weights (one attention pattern; q/k norms set to `factor`,
+    or without them queries and keys scaled to COPY_LOGIT_STD); each head's o_proj block is its
+    value group's v_proj transposed, so the attention output is the attended tokens' embeddings projected on the value subspace; the LM head of an
+    untied model becomes a copy of the input embeddings, so those copies score their own ids.
+    Values stay N(0, 0.02)-sized copies of drawn weights (no zeros, no shape change). Returns the
+    number of tensors changed."""
+    cfg = model.config
+    d, heads, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or d // heads
+    rep = heads // kv
+    layer = model.get_decoder().layers[0]
+    at = layer.self_attn
     n = 0
-    for name, m in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        gemma = type(m).__name__.startswith("Gemma")
-        # Gemma's post-norms too: its embeddings are scaled by sqrt(d) and tied to the head, so with
-        # unit-scale blocks the current token's own embedding dominates the last hidden state and
-        # greedy decoding repeats it (the 27B emitted 1 id with q/k sharpened alone).
-        if (leaf in ("q_norm", "k_norm") or (gemma and leaf.startswith("post_"))) and hasattr(m, "weight"):
-            m.weight.fill_(factor - 1.0 if gemma else factor)
+    for proj, groups in ((at.q_proj, heads), (at.k_proj, kv)):
+        for p in proj.parameters():  # weight [groups * hd, d], bias [groups * hd]
+            p[hd:] = p[:hd].repeat((groups - 1,) + (1,) * (p.dim() - 1))
             n += 1
-    if n:
-        return n
-    # Without q/k norms (and without Gemma's post-norms) the attention output is also small next to
-    # the token's own embedding, and a tied head then repeats the current token: v and o grow too.
-    for name, m in model.named_modules():
-        if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            for p in m.parameters():
-                p.mul_(factor)
-                n += 1
+    v = at.v_proj.weight.float()
+    scale = gain / (rep * float(v.pow(2).sum(1).mean()))  # V^T V ~ (mean row norm^2) x projection
+    o = at.o_proj.weight
+    for h in range(heads):
+        g = h // rep
+        o[:, h * hd:(h + 1) * hd] = (v[g * hd:(g + 1) * hd].T * scale).to(o.dtype)
+    n += 1
+    if hasattr(at, "q_norm"):  # Gemma: per-head q/k norms (weight w multiplies as 1 + w)
+        at.q_norm.weight.fill_(factor - 1.0)
+        at.k_norm.weight.fill_(factor - 1.0)
+        layer.post_attention_layernorm.weight.fill_(post - 1.0)
+        n += 3
+    else:
+        # q.k / sqrt(hd) for unit-rms inputs has std ~ rms(q) x rms(k) = sqrt(mean row norm^2 of each)
+        qk = float(at.q_proj.weight.float().pow(2).sum(1).mean().sqrt()
+                   * at.k_proj.weight.float().pow(2).sum(1).mean().sqrt())
+        for proj in (at.q_proj, at.k_proj):
+            for p in proj.parameters():
+                p.mul_((COPY_LOGIT_STD / qk) ** 0.5)
+        n += 4
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if not _same(head.weight, emb.weight):
+        head.weight.copy_(emb.weight)
+        n += 1
     return n
 
 
@@ -787,7 +826,7 @@ def bench_av(model, counts: Counts, plan: StagePlan, *, backends, ceilings, devi
             else:
                 r = bench_av_fast(model, emb, new=plan.av_new, temperature=temp, device=device,
                                   reps=reps, warmup=warmup, kv_bucket=kv_bucket, backend=backend,
-                                  profile=profile and b == biggest and backend in ("fused", "fused-triton"))
+                                  profile=profile and b == biggest and backend.startswith("fused"))
             work = counts.generation(b, plan.av_prompt, plan.av_new, shared_prefix=plan.av_slot)
             r["roofline"] = roofline(r["median_s"], work["flops"], work["bytes"], ceilings)
             if "decode_s" in r:
@@ -1145,7 +1184,7 @@ def render_markdown(summary: dict) -> str:
              for r in m["av"].get("runs", []) if r.get("profile")]
     if profs:
         kinds = [kd for kd, _ in KERNEL_KINDS] + ["other"]
-        lines += ["", "Where a decode token's GPU time goes (fused and fused-triton, largest batch; torch.profiler "
+        lines += ["", "Where a decode token's GPU time goes (each fused backend, largest batch; torch.profiler "
                   "over one generate "
                   "call, CUDA-graph replays included; ms per token by kernel family; idle = wall - kernel time).", "",
                   "| model | backend | batch | T | " + " | ".join(kinds) + " | kernels / token | idle |",
@@ -1170,7 +1209,7 @@ def render_figure(summary: dict, path: Path) -> None:
         if not isinstance(av, dict):
             continue
         for backend, style in (("hf", "--o"), ("fast", "-s"), ("fused", "-^"), ("fused-sdpa", ":v"),
-                               ("fused-triton", "-.d")):
+                               ("fused-flash", ":x"), ("fused-triton", "-.d")):
             runs = sorted((r for r in av.get("runs", []) if r["backend"] == backend and r.get("status") == "ok"
                            and r.get("temperature", av.get("temperature")) == av.get("temperature")),
                           key=lambda r: r["batch"])

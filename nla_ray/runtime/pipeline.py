@@ -475,7 +475,8 @@ def full_batches(ds, batch_size: int):
     bundle holds >= batch_size rows, then cuts batch_size plus a remainder from each bundle. On the H200
     real-size run a decode pool at batch 256 got 256, 24, 256, 24, 256, 24, 160 for 1000 rows: 7 calls
     instead of 4, each short one costing a whole 200-token decode and a new graph capture. A strict
-    streaming repartition (no shuffle, no materialisation) gives every call a full batch.
+    streaming repartition (no shuffle, no materialisation) gives every call a full batch. Its tasks
+    need a CPU beside the pools' actors (see the caller).
     """
     if batch_size <= 1:
         return ds
@@ -561,8 +562,17 @@ def _run(stages, *, source, parts: RowParts, fingerprint, per_position, expected
     ctx.enable_progress_bars = True
     first = stages[0].pool
     ds = rd.from_items(items, override_num_blocks=max(1, min(len(items), 16 * max(1, first.concurrency))))
-    for i, s in enumerate(stages):
-        if i:
+    # Re-blocking runs as Ray tasks needing a CPU beside the pools' actors: with none spare (a 2-CPU
+    # laptop whose pools hold both) the tasks never start and the stream hangs, so it is done only
+    # where a CPU is left, and only before GPU pools (whose decode shapes it is for).
+    spare_cpu = float(ray.cluster_resources().get("CPU", 0)) - sum(
+        s.pool.num_cpus * max(1, s.pool.concurrency) for s in stages)
+    reblock = [s.name for s in stages if s.pool.num_gpus and s.pool.batch_size > 1]
+    if reblock and spare_cpu < 1:
+        log(f"[batches] no CPU spare beside the pools ({spare_cpu:g}): {', '.join(reblock)} get Ray Data's "
+            "batches with their remainders (slower decode shapes, same rows)")
+    for s in stages:
+        if s.name in reblock and spare_cpu >= 1:
             ds = full_batches(ds, s.pool.batch_size)
         ds = ds.map_batches(s.cls, **s.map_batches_args())
     t0 = time.time()
