@@ -232,8 +232,9 @@ def sharpen_attention(model, factor: float, gain: float = COPY_GAIN, post: float
     """Give layer 0 a copy circuit (see SHARPEN): every query head takes head 0's query weights and
     every key/value group group 0's key weights (one attention pattern; q/k norms set to `factor`,
     or without them queries and keys scaled to COPY_LOGIT_STD); each head's o_proj block is its
-    value group's v_proj transposed, so the attention output is the attended tokens' embeddings projected on the value subspace; the LM head of an
-    untied model becomes a copy of the input embeddings, so those copies score their own ids.
+    value group's v_proj transposed, so the attention output is the attended tokens' embeddings
+    projected on the value subspace; the LM head of an untied model becomes a copy of the input
+    embeddings, so those copies score their own ids.
     Values stay N(0, 0.02)-sized copies of drawn weights (no zeros, no shape change). Returns the
     number of tensors changed."""
     cfg = model.config
