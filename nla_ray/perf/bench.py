@@ -1121,9 +1121,9 @@ def render_markdown(summary: dict) -> str:
     lines += ["", "## AV sampling (prefill + fixed-length decode)", "",
               "hf = `model.generate`; fast = static KV cache + CUDA-graph decode step; fused = fast with RMSNorm, "
               "rotary and sampling maths compiled (`torch.compile`) into fewer kernels; fast and fused take the "
-              "decoder's default attention step (attn: flash = FlashAttention-2 varlen where it runs, else sdpa = "
-              "masked SDPA over a key bucket); fused-sdpa / fused-triton force that step (triton = "
-              "nla_ray/nla/decode_kernel.py). "
+              "decoder's default attention step at the run's commit, and the attn column says which ran (triton = "
+              "nla_ray/nla/decode_kernel.py, flash = FlashAttention-2 varlen, sdpa = masked SDPA over a key "
+              "bucket); fused-sdpa / fused-flash / fused-triton force that step. "
               "Speedup is against hf at the same batch and temperature, in the same process: median ratio "
               "[slowest hf rep / fastest fast rep, fastest hf / slowest fast]. Spread = (max - min) / median of "
               "the repetitions.", "",
