@@ -432,12 +432,13 @@ class Verbalize(Stage):
         super().__init__(name, num_cpus)
         from nla_ray.nla import pairs
 
-        if decode_batch is None and backend in ("fast", "fused") and batch_size:
-            # One decode shape for the whole run: every call (the pool's batch x its samples) and the
-            # last, short one padded up to it share one captured session; see AVEngine.warm_up.
-            decode_batch = int(batch_size) * max(1, n_samples)
         self.av = pairs.load_av(av_dir, dtype=dtype, max_new_tokens=max_new_tokens, backend=backend,
                                 decode_batch=decode_batch, attn=attn)
+        if decode_batch is None and backend in ("fast", "fused") and batch_size and self.av.device.type == "cuda":
+            # One decode shape for the whole run: every call (the pool's batch x its samples) and the
+            # last, short one padded up to it share one captured session (see AVEngine.warm_up). Only
+            # on a GPU: a CPU captures no graphs, and padding would only add work.
+            self.av.decode_batch = int(batch_size) * max(1, n_samples)
         self.banned = self.av.banned_ids_for(banned_chars) if banned_chars else None
         self.warmup_s = self.av.warm_up(temperature=temperature, banned_ids=self.banned)
         if self.warmup_s:
