@@ -24,6 +24,8 @@ from nla_ray.core.typed import coerce, field_types
 # (fast on a CPU). loop and fast give the same rows for the same seeds; fused may differ where
 # compiled kernels round differently (bf16 near-ties); hf samples with its own RNG.
 AV_BACKENDS = ("loop", "hf", "fast", "fused")
+# The fast decoder's attention step (av.attn); nla_ray.nla.fast_decode says what each is.
+AV_ATTN = ("auto", "triton", "flash", "sdpa")
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -125,8 +127,8 @@ def _build(cls, data: dict, where: str):
     if cls is AVConfig:
         if out.backend not in AV_BACKENDS:
             raise ValueError(f"{where}.backend: {out.backend!r} is not one of {list(AV_BACKENDS)}")
-        if out.attn not in ("auto", "triton", "flash", "sdpa"):
-            raise ValueError(f"{where}.attn: {out.attn!r} is not one of ['auto', 'triton', 'flash', 'sdpa']")
+        if out.attn not in AV_ATTN:
+            raise ValueError(f"{where}.attn: {out.attn!r} is not one of {list(AV_ATTN)}")
         db = out.decode_batch
         if isinstance(db, str) and db.strip().lstrip("-").isdigit():  # --set av.decode_batch=64 arrives as text
             db = out.decode_batch = int(db)

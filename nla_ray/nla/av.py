@@ -21,10 +21,15 @@ import numpy as np
 import torch
 
 from nla_ray.nla import templates as T
+from nla_ray.config import AV_ATTN
 from nla_ray.config import AV_BACKENDS as BACKENDS  # the backends are documented there
 from nla_ray.core.noise import gumbel_noise, sample_seed  # noqa: F401 - re-exported for callers
 from nla_ray.nla.models import text_config, text_lm_view
 from nla_ray.nla.sidecar import NlaMeta
+
+# The backends that decode through nla_ray.nla.fast_decode: one captured session per decode shape.
+GRAPH_BACKENDS = ("fast", "fused")
+
 
 def inject(embeds: torch.Tensor, slot: int, vectors: torch.Tensor, scale: float | None) -> torch.Tensor:
     """Overwrite row `slot` of each prompt's embeddings with its (rescaled) vector. Returns new tensor."""
@@ -78,11 +83,9 @@ class AVEngine:
             raise ValueError(f"decode_batch must be a positive int, 'auto' or None, got {decode_batch!r}")
         self.decode_batch = decode_batch
         self.last_decode_batch: int | None = None
-        # The fast decoder's attention step (fast_decode.ATTN_CHOICES); only the fast/fused backends use it.
-        from nla_ray.nla.fast_decode import ATTN_CHOICES
-
-        if attn not in ATTN_CHOICES:
-            raise ValueError(f"attn {attn!r} not in {ATTN_CHOICES}")
+        # The fast decoder's attention step; only the backends of GRAPH_BACKENDS use it.
+        if attn not in AV_ATTN:
+            raise ValueError(f"attn {attn!r} not in {AV_ATTN}")
         self.attn = attn
         self._auto_sizes: dict = {}  # (max_new, sampling) -> rows that fit, sized once ("auto")
 
@@ -133,14 +136,14 @@ class AVEngine:
         # A fixed decode batch also pads a short call up to it (the fast decoder keeps one captured
         # session per batch size: a pool's last, short batch would otherwise capture again); "auto"
         # sizes a ceiling, not a shape, so a call under it decodes as it came.
-        pad_short = n < step and self.decode_batch not in (None, "auto") and self.backend in ("fast", "fused")
+        pad_short = n < step and self.fixed_decode_batch is not None and self.backend in GRAPH_BACKENDS
         if step < n or pad_short:
             out = []
             for i in range(0, n, step):
                 chunk = vectors[i: i + step]
                 sd = None if seeds is None else list(seeds)[i: i + step]
                 real = chunk.shape[0]
-                if real < step and self.backend in ("fast", "fused"):
+                if real < step and self.backend in GRAPH_BACKENDS:
                     # Pad the last chunk to the same batch (copies of its last row, dropped below): the
                     # fast decoder keeps one captured session per batch size, and a new size would
                     # capture again for every pool batch.
@@ -158,7 +161,7 @@ class AVEngine:
                 raise ValueError("sampling (temperature > 0) needs one seed per row; see av.sample_seed")
             if seeds is not None and len(seeds) != n:
                 raise ValueError(f"{len(seeds)} seeds for {n} vectors")
-            if self.backend in ("fast", "fused"):
+            if self.backend in GRAPH_BACKENDS:
                 from nla_ray.nla.fast_decode import fast_generate  # imports this module, so not at the top
 
                 tokens = fast_generate(self, emb, temperature, seeds, banned_ids, max_new)
@@ -166,20 +169,26 @@ class AVEngine:
                 tokens = self._generate_loop(emb, temperature, seeds, banned_ids, max_new)
         return [self._finish(row) for row in tokens]
 
+    @property
+    def fixed_decode_batch(self) -> int | None:
+        """The decode shape every call is cut or padded to: an int decode_batch (not None, not "auto")."""
+        return None if self.decode_batch in (None, "auto") else int(self.decode_batch)
+
     def warm_up(self, *, temperature: float = 0.0, banned_ids: Sequence[int] | None = None) -> float:
         """Decode one full fixed-size batch of random vectors so compilation and graph capture happen
         now (in a pool actor's `__init__`, while the pools upstream already work) rather than inside
         the first real batch. Only for the fast backends on a GPU with a fixed decode batch; returns the
         seconds it took (0.0 when skipped)."""
-        if self.backend not in ("fast", "fused") or self.device.type != "cuda" or self.decode_batch in (None, "auto"):
+        rows = self.fixed_decode_batch
+        if self.backend not in GRAPH_BACKENDS or self.device.type != "cuda" or rows is None:
             return 0.0
         import time
 
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(0)
         d = int(self.model.get_input_embeddings().weight.shape[1])
-        vecs = torch.randn(int(self.decode_batch), d, generator=g)
-        seeds = list(range(int(self.decode_batch))) if temperature > 0 else None
+        vecs = torch.randn(rows, d, generator=g)
+        seeds = list(range(rows)) if temperature > 0 else None
         self.generate(vecs, temperature=temperature, seeds=seeds, banned_ids=banned_ids)
         torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0

@@ -39,8 +39,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-# The module, not the name: av.py may import this module at its top (a cycle that is harmless as
-# long as nothing is taken from av before it has finished loading).
+from nla_ray.config import AV_ATTN
 from nla_ray.core.noise import gumbel_noise
 
 ATTN_NAME = "nla_fast_static"
@@ -452,7 +451,7 @@ def _windows(cfg) -> list[int | None]:
 # The decode step's attention: "triton" (nla_ray.nla.decode_kernel), "flash" (FlashAttention-2's
 # varlen kernel), "sdpa" (masked SDPA over a key-length bucket); "auto" takes the first of AUTO_ATTN
 # that runs here, else sdpa.
-ATTN_CHOICES = ("auto", "triton", "flash", "sdpa")
+ATTN_CHOICES = AV_ATTN
 # Triton first: on the H200 (results/perf/h200-decode-r3) it beat FlashAttention-2's step by 16% per
 # token on Gemma-3-27B at batch 128 (22.8 vs 27.1 ms) and 7-12% on Qwen2.5-7B, and the 27B's
 # teacher-forced logits check passed with it (100% top-1, 96% top-10). Each session still self-tests
@@ -503,8 +502,6 @@ class _Session:
         self.stop = torch.tensor(list(stop_ids), dtype=torch.long, device=dev) if stop_ids else None
         cfg = _text_config(model)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        if attn not in ATTN_CHOICES:
-            raise ValueError(f"attn {attn!r} not in {ATTN_CHOICES}")
         softcap = getattr(cfg, "attn_logit_softcapping", None)
         why_not = {}
         self.kernel = "sdpa"

@@ -571,8 +571,9 @@ def _run(stages, *, source, parts: RowParts, fingerprint, per_position, expected
     if reblock and spare_cpu < 1:
         log(f"[batches] no CPU spare beside the pools ({spare_cpu:g}): {', '.join(reblock)} get Ray Data's "
             "batches with their remainders (slower decode shapes, same rows)")
+        reblock = []
     for s in stages:
-        if s.name in reblock and spare_cpu >= 1:
+        if s.name in reblock:
             ds = full_batches(ds, s.pool.batch_size)
         ds = ds.map_batches(s.cls, **s.map_batches_args())
     t0 = time.time()

@@ -431,10 +431,11 @@ class Verbalize(Stage):
                  decode_batch=None, attn: str = "auto", batch_size: int | None = None):
         super().__init__(name, num_cpus)
         from nla_ray.nla import pairs
+        from nla_ray.nla.av import GRAPH_BACKENDS
 
         self.av = pairs.load_av(av_dir, dtype=dtype, max_new_tokens=max_new_tokens, backend=backend,
                                 decode_batch=decode_batch, attn=attn)
-        if decode_batch is None and backend in ("fast", "fused") and batch_size and self.av.device.type == "cuda":
+        if decode_batch is None and backend in GRAPH_BACKENDS and batch_size and self.av.device.type == "cuda":
             # One decode shape for the whole run: every call (the pool's batch x its samples) and the
             # last, short one padded up to it share one captured session (see AVEngine.warm_up). Only
             # on a GPU: a CPU captures no graphs, and padding would only add work.
